@@ -1,0 +1,22 @@
+"""deformconv: deformable convolution for PyTorch, pip-installable, fast on CPU.
+
+Example:
+    >>> import torch, deformconv
+    >>> layer = deformconv.DeformConv2d(3, 8, kernel_size=3, padding=1)
+    >>> layer(torch.randn(1, 3, 16, 16)).shape
+    torch.Size([1, 8, 16, 16])
+"""
+
+from deformconv.nn import DeformConv2d
+from deformconv.ops import available_backends, deform_conv2d, get_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeformConv2d",
+    "__version__",
+    "available_backends",
+    "deform_conv2d",
+    "get_backend",
+    "use_backend",
+]

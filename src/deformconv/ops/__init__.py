@@ -1,0 +1,6 @@
+"""Functional ops: validate the arguments once, then dispatch to a kernel."""
+
+from deformconv.ops._backend import available_backends, get_backend, use_backend
+from deformconv.ops.deform_conv import deform_conv2d
+
+__all__ = ["available_backends", "deform_conv2d", "get_backend", "use_backend"]

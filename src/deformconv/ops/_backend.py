@@ -1,0 +1,154 @@
+"""Which kernel runs a call: ``auto`` picks the fastest available for the device.
+
+Backends:
+    ``reference``: pure PyTorch (``kernels/reference.py``), every device,
+    differentiable twice; runs as plain torch ops, not as a custom op.
+    Fast backends call :func:`register` with a lazy loader of their kernels; they run
+    behind the ``deformconv::deform_conv2d`` custom op (``ops/_library.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Protocol
+
+from torch import Tensor
+
+__all__ = [
+    "FastBackend",
+    "Kernels",
+    "available_backends",
+    "get_backend",
+    "kernels",
+    "register",
+    "resolve",
+    "use_backend",
+]
+
+
+class Kernels(Protocol):
+    """What a fast backend provides (module-level functions of its kernel module)."""
+
+    def forward(
+        self,
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
+        """(N, C_out, H_out, W_out) in input's dtype."""
+        ...
+
+    def backward(
+        self,
+        grad_output: Tensor,
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Gradients for (input, offset, mask, weight, bias); None where the input is None."""
+        ...
+
+
+@dataclass(frozen=True)
+class FastBackend:
+    """A fast backend: its name, the devices it serves, a cheap probe and a lazy loader."""
+
+    name: str
+    device_types: tuple[str, ...]
+    is_available: Callable[[], bool]
+    load: Callable[[], Kernels]
+
+
+# Ordered by preference; ``auto`` takes the first available one for the device.
+_FAST: list[FastBackend] = []
+_current = "auto"
+
+
+def register(backend: FastBackend) -> None:
+    """Add a fast backend (called once by the module that provides it)."""
+    if any(b.name == backend.name for b in _FAST):
+        raise ValueError(f"register: a backend named {backend.name!r} exists already")
+    _FAST.append(backend)
+
+
+@cache
+def kernels(name: str) -> Kernels:
+    """The loaded kernels of the fast backend ``name``."""
+    return next(b for b in _FAST if b.name == name).load()
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    """The backends that can run on ``device_type`` here, fastest first.
+
+    Example:
+        >>> "reference" in available_backends("cpu")
+        True
+    """
+    fast = [b.name for b in _FAST if device_type in b.device_types and b.is_available()]
+    return [*fast, "reference"]
+
+
+def get_backend() -> str:
+    """The backend chosen by :func:`use_backend` (``"auto"`` by default)."""
+    return _current
+
+
+def _known() -> list[str]:
+    return ["auto", "reference", *(b.name for b in _FAST)]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on one backend.
+
+    Args:
+        name: ``"auto"`` (fastest available per device), ``"reference"``, or a fast
+            backend's name from :func:`available_backends`.
+
+    Example:
+        >>> import torch, deformconv
+        >>> x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+        >>> offset = torch.zeros(1, 18, 3, 3)
+        >>> with deformconv.use_backend("reference"):
+        ...     y = deformconv.deform_conv2d(x, offset, w)
+        >>> y.shape
+        torch.Size([1, 3, 3, 3])
+    """
+    global _current
+    if name not in _known():
+        raise ValueError(f"use_backend: name must be one of {_known()}; got {name!r}")
+    previous, _current = _current, name
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def resolve(device_type: str) -> str:
+    """The backend that runs a call on ``device_type`` under the current choice.
+
+    Raises:
+        ValueError: the chosen backend cannot run on ``device_type`` here.
+    """
+    available = available_backends(device_type)
+    if _current == "auto":
+        return available[0]
+    if _current not in available:
+        raise ValueError(
+            f"deformconv backend {_current!r} cannot run on device type {device_type!r} here; "
+            f"available: {available}"
+        )
+    return _current

@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+import deformconv
+
+
+def pytest_generate_tests(metafunc):
+    # Every test that takes ``backend`` runs once per backend available on the CPU.
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", deformconv.available_backends("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """Functional ops: validate the arguments once, then dispatch to a kernel."""
 
+from deformconv.ops import _fast_backends  # noqa: F401  (registers the fast backends)
 from deformconv.ops._backend import available_backends, get_backend, use_backend
 from deformconv.ops.deform_conv import deform_conv2d
 

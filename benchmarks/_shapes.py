@@ -46,6 +46,16 @@ SUITE: tuple[Case, ...] = (
 def with_batch(batch: int) -> tuple[Case, ...]:
     """The suite at another batch size (the GPU benchmark adds batch 32)."""
     return tuple(
-        Case(c.name, batch, c.in_channels, c.out_channels, c.size, c.stride, c.offset_groups, c.modulated, c.kernel)
+        Case(
+            c.name,
+            batch,
+            c.in_channels,
+            c.out_channels,
+            c.size,
+            c.stride,
+            c.offset_groups,
+            c.modulated,
+            c.kernel,
+        )
         for c in SUITE
     )

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
 def write_resolved_args(args: argparse.Namespace, out_dir: Path) -> None:
     """Write the resolved arguments as ``args.json`` next to a command's outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "_run"}
+    values = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "_run"
+    }
     (out_dir / "args.json").write_text(json.dumps(values, indent=2) + "\n")
 
 

@@ -37,7 +37,7 @@ def sampling_positions(
     n, _, h_out, w_out = offset.shape
     k_h, k_w = kernel_size
     k = k_h * k_w
-    off = offset.reshape(n, -1, k, 2, h_out, w_out)
+    off = offset.reshape(n, offset.shape[1] // (2 * k), k, 2, h_out, w_out)
     dev, dt = offset.device, offset.dtype
     rows = torch.arange(k_h, device=dev, dtype=dt).repeat_interleave(k_w) * dilation[0]
     cols = torch.arange(k_w, device=dev, dtype=dt).repeat(k_h) * dilation[1]
@@ -53,6 +53,9 @@ def bilinear_corners(y: Tensor, x: Tensor, height: int, width: int) -> list[tupl
 
     A position with ``y <= -1``, ``y >= height``, ``x <= -1`` or ``x >= width``
     (or a NaN coordinate) reads 0; otherwise each corner outside the map reads 0.
+    Positions exactly on -1 are kept: they read 0 anyway (the inner corner has
+    weight 0), and keeping them gives the floor-based one-sided derivative used
+    at every other integer position, as torchvision's backward does.
     Non-finite positions are replaced before any index is formed, so every index
     returned lies inside the map.
 
@@ -67,7 +70,7 @@ def bilinear_corners(y: Tensor, x: Tensor, height: int, width: int) -> list[tupl
         is ``row·width + col`` (int64, in range) and ``weight`` is 0 for corners
         that read nothing.
     """
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)  # False for NaN too
+    inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)  # False for NaN too
     y = torch.where(inside, y, torch.zeros_like(y))
     x = torch.where(inside, x, torch.zeros_like(x))
     y0 = torch.floor(y)

@@ -92,7 +92,9 @@ class DeformConv2d(nn.Module):
         self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
         factory = {"device": device, "dtype": dtype}
         k_h, k_w = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, k_h, k_w, **factory))
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, k_h, k_w, **factory)
+        )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         points = offset_groups * k_h * k_w
         self.conv_offset = nn.Conv2d(
@@ -170,7 +172,9 @@ class DeformConv2d(nn.Module):
             True
         """
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"DeformConv2d.from_conv: conv must be an nn.Conv2d; got {type(conv).__name__}")
+            raise TypeError(
+                f"DeformConv2d.from_conv: conv must be an nn.Conv2d; got {type(conv).__name__}"
+            )
         if conv.padding_mode != "zeros":
             raise ValueError(
                 "DeformConv2d.from_conv: conv.padding_mode must be 'zeros'; "

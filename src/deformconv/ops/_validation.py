@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from deformconv._utils import pair
@@ -112,7 +111,9 @@ def check_deform_conv2d(
     n, c_in, h_in, w_in = x.shape
     c_out, c_per_group, k_h, k_w = w.shape
     if k_h < 1 or k_w < 1:
-        raise ValueError(f"{where}: weight's kernel size (K_h, K_w) must be positive; got {(k_h, k_w)}")
+        raise ValueError(
+            f"{where}: weight's kernel size (K_h, K_w) must be positive; got {(k_h, k_w)}"
+        )
     if c_per_group < 1 or c_in % c_per_group != 0:
         raise ValueError(
             f"{where}: weight.shape[1] (C_in/groups) must divide C_in={c_in}; got {c_per_group}"
@@ -126,7 +127,9 @@ def check_deform_conv2d(
     if bias is not None:
         b = check_tensor(where, "bias", bias, 1, like=x)
         if b.shape[0] != c_out:
-            raise ValueError(f"{where}: bias must have shape (C_out,)=({c_out},); got {tuple(b.shape)}")
+            raise ValueError(
+                f"{where}: bias must have shape (C_out,)=({c_out},); got {tuple(b.shape)}"
+            )
 
     h_out = (h_in + 2 * padding_[0] - dilation_[0] * (k_h - 1) - 1) // stride_[0] + 1
     w_out = (w_in + 2 * padding_[1] - dilation_[1] * (k_w - 1) - 1) // stride_[1] + 1

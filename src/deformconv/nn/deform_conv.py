@@ -90,16 +90,17 @@ class DeformConv2d(nn.Module):
         )  # fmt: skip
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
-        factory = {"device": device, "dtype": dtype}
         k_h, k_w = self.kernel_size
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, k_h, k_w, **factory)
+            torch.empty(out_channels, in_channels // groups, k_h, k_w, device=device, dtype=dtype)
         )
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        )
         points = offset_groups * k_h * k_w
         self.conv_offset = nn.Conv2d(
             in_channels, (3 if modulated else 2) * points, self.kernel_size,
-            self.stride, self.padding, self.dilation, bias=True, **factory,
+            self.stride, self.padding, self.dilation, bias=True, device=device, dtype=dtype,
         )  # fmt: skip
         self.last_offset = None
         self.last_mask = None
@@ -181,9 +182,11 @@ class DeformConv2d(nn.Module):
                 f"got {conv.padding_mode!r}"
             )
         padding = _numeric_padding(conv)
+        where = "DeformConv2d.from_conv"
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
-            conv.dilation, conv.groups, conv.bias is not None,
+            conv.in_channels, conv.out_channels, pair(conv.kernel_size, "kernel_size", where),
+            pair(conv.stride, "stride", where), padding, pair(conv.dilation, "dilation", where),
+            conv.groups, conv.bias is not None,
             offset_groups=offset_groups, modulated=modulated,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
@@ -236,12 +239,14 @@ def _check_hyper(
     offset_groups: int,
 ) -> None:
     where = "DeformConv2d"
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                        ("groups", groups), ("offset_groups", offset_groups)):  # fmt: skip
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{where}: {name} must be a positive int; got {value!r}")
-    for name, value, minimum in (("kernel_size", kernel_size, 1), ("stride", stride, 1),
-                                 ("padding", padding, 0), ("dilation", dilation, 1)):  # fmt: skip
+    counts = {"in_channels": in_channels, "out_channels": out_channels, "groups": groups,
+              "offset_groups": offset_groups}  # fmt: skip
+    for name, count in counts.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{where}: {name} must be a positive int; got {count!r}")
+    pairs = (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+             ("dilation", dilation, 1))  # fmt: skip
+    for name, value, minimum in pairs:
         if min(value) < minimum:
             raise ValueError(f"{where}: {name} must be >= {minimum}; got {value}")
     if in_channels % groups or out_channels % groups:

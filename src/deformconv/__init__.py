@@ -7,6 +7,7 @@ Example:
     torch.Size([1, 8, 16, 16])
 """
 
+from deformconv.models import deformify
 from deformconv.nn import DeformConv2d
 from deformconv.ops import available_backends, deform_conv2d, get_backend, use_backend
 
@@ -17,6 +18,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "deform_conv2d",
+    "deformify",
     "get_backend",
     "use_backend",
 ]

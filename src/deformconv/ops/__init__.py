@@ -2,6 +2,13 @@
 
 from deformconv.ops import _fast_backends  # noqa: F401  (registers the fast backends)
 from deformconv.ops._backend import available_backends, get_backend, use_backend
+from deformconv.ops._onnx import onnx_translation_table
 from deformconv.ops.deform_conv import deform_conv2d
 
-__all__ = ["available_backends", "deform_conv2d", "get_backend", "use_backend"]
+__all__ = [
+    "available_backends",
+    "deform_conv2d",
+    "get_backend",
+    "onnx_translation_table",
+    "use_backend",
+]

@@ -1,25 +1,122 @@
-"""The fast backends behind one ``torch.library`` custom op, ``deformconv::deform_conv2d``.
+"""The kernels behind one ``torch.library`` custom op, ``deformconv::deform_conv2d``.
 
-torch.compile, torch.export and the ONNX exporter see a single node with a fake
-(shape-only) kernel and a registered autograd formula; the node calls the
-named backend's forward and ``deformconv::deform_conv2d_backward`` its backward.
-Double backward is not available through this op (use the reference backend).
+torch.compile, torch.export and ``torch.library.opcheck`` see a single node with a
+fake (shape-only) kernel and a registered autograd formula; the node calls the
+named backend's ``forward``, and ``deformconv::deform_conv2d_backward`` its
+``backward``. Double backward is not available through these ops: the eager
+reference path (plain torch ops, see :func:`deformconv.deform_conv2d`) has it.
+
+Backends served:
+    - every fast backend registered in ``ops/_fast_backends.py``;
+    - ``"reference"``: forward by ``kernels/reference.py``, backward by
+      ``torch.func.vjp`` of it. Eager calls on the reference backend do not use the
+      op (they run plain, twice-differentiable torch ops); ``torch.export`` does, so
+      an exported graph always holds one ``deformconv::deform_conv2d`` node.
+
+What this layer does for every backend, so kernels need not:
+    - Layout: arguments are made contiguous once, here (a channels_last input costs
+      one copy, never a slow kernel path); the output and the gradients are
+      contiguous, as the fake kernels say. :func:`deformconv.deform_conv2d` gives
+      the output back in the input's memory format.
+    - Dtype: float16/bfloat16 arguments are computed in float32 and the results
+      cast back, unless the kernel module lists the dtype in its optional
+      ``NATIVE_DTYPES`` attribute (default: float32 and float64).
+    - Determinism: under ``torch.use_deterministic_algorithms(True)`` the backward
+      raises torch's standard error for a kernel module whose optional
+      ``DETERMINISTIC_BACKWARD`` attribute is False. Without the attribute, CPU
+      backward kernels count as deterministic and all others as not.
+    - Autocast (CPU and CUDA): the op's floating arguments are cast to float32
+      (``torch.library.register_autocast``); :func:`deformconv.deform_conv2d`
+      also casts the output to the autocast dtype.
+    - Portability: a graph saved with a backend that cannot run the input's device
+      here (say ``numba`` on a CUDA tensor) runs on the backend ``auto`` picks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from deformconv.kernels import reference
 from deformconv.ops import _backend
 
-__all__ = ["deform_conv2d_op"]
+__all__ = ["deform_conv2d_backward_op", "deform_conv2d_op"]
+
+_DEFAULT_NATIVE = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _ReferenceKernels:
+    """The reference kernel with the fast-backend interface (``_backend.Kernels``)."""
+
+    NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    DETERMINISTIC_BACKWARD = True  # torch makes gather's backward deterministic on request
+
+    @staticmethod
+    def forward(
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
+        return reference.deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(
+        grad_output: Tensor,
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+        # torch.func.vjp works below the autograd dispatch key, where custom-op kernels run.
+        primals = [input, offset, weight] + [t for t in (mask, bias) if t is not None]
+
+        def run(x: Tensor, off: Tensor, w: Tensor, *rest: Tensor) -> Tensor:
+            it = iter(rest)
+            m = next(it) if mask is not None else None
+            b = next(it) if bias is not None else None
+            return reference.deform_conv2d(x, off, m, w, b, stride, padding, dilation)
+
+        vjp = torch.func.vjp(run, *primals)[1]
+        grads = list(vjp(grad_output))
+        gi, go, gw = grads[0], grads[1], grads[2]
+        rest = iter(grads[3:])
+        gm = next(rest) if mask is not None else None
+        gb = next(rest) if bias is not None else None
+        return gi, go, gm, gw, gb
 
 
 def _t(v: Sequence[int]) -> tuple[int, int]:
     return int(v[0]), int(v[1])
+
+
+def _kernels(backend: str, device_type: str) -> Any:
+    if backend == "reference":
+        return _ReferenceKernels
+    available = _backend.available_backends(device_type)
+    name = backend if backend in available else available[0]
+    return _ReferenceKernels if name == "reference" else _backend.kernels(name)
+
+
+def _compute_dtype(kernels: Any, dtype: torch.dtype) -> torch.dtype:
+    native = getattr(kernels, "NATIVE_DTYPES", _DEFAULT_NATIVE)
+    return torch.float32 if dtype in _HALF and dtype not in native else dtype
+
+
+def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
 
 
 @torch.library.custom_op("deformconv::deform_conv2d", mutates_args=())
@@ -34,11 +131,27 @@ def deform_conv2d_op(
     dilation: Sequence[int],
     backend: str,
 ) -> Tensor:
-    """Forward of a validated call on the fast backend ``backend``."""
-    kernels = _backend.kernels(backend)
-    return kernels.forward(
-        input, offset, mask, weight, bias, _t(stride), _t(padding), _t(dilation)
-    )
+    """Forward of a validated call on ``backend`` (a fast backend or ``"reference"``).
+
+    Args:
+        input: (N, C_in, H_in, W_in).
+        offset: (N, 2·G·K_h·K_w, H_out, W_out).
+        mask: (N, G·K_h·K_w, H_out, W_out) or None.
+        weight: (C_out, C_in/groups, K_h, K_w).
+        bias: (C_out,) or None.
+        stride: (s_h, s_w).
+        padding: (p_h, p_w).
+        dilation: (d_h, d_w).
+        backend: the backend's name.
+
+    Returns:
+        (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype.
+    """
+    kernels = _kernels(backend, input.device.type)
+    dt = _compute_dtype(kernels, input.dtype)
+    args = [_prepare(t, dt) for t in (input, offset, mask, weight, bias)]
+    out = kernels.forward(*args, _t(stride), _t(padding), _t(dilation))
+    return out.to(input.dtype).contiguous()
 
 
 @deform_conv2d_op.register_fake
@@ -59,23 +172,31 @@ def deform_conv2d_backward_op(
     dilation: Sequence[int],
     backend: str,
 ) -> list[Tensor]:
-    """Gradients (input, offset, mask, weight, bias); an empty tensor stands for None."""
-    grads = _backend.kernels(backend).backward(
-        grad_output.contiguous(), input, offset, mask, weight, bias,
-        _t(stride), _t(padding), _t(dilation),
-    )  # fmt: skip
-    return [g if g is not None else input.new_empty(0) for g in grads]
+    """Gradients for (input, offset, mask, weight, bias); an empty tensor stands for None.
+
+    Each gradient is contiguous, with its argument's shape and dtype.
+    """
+    device_type = input.device.type
+    kernels = _kernels(backend, device_type)
+    if not getattr(kernels, "DETERMINISTIC_BACKWARD", device_type == "cpu"):
+        torch._C._alert_not_deterministic(  # type: ignore[attr-defined]
+            f"deformconv::deform_conv2d_backward (backend {backend!r} on {device_type})"
+        )
+    dt = _compute_dtype(kernels, input.dtype)
+    originals = (input, offset, mask, weight, bias)
+    args = [_prepare(t, dt) for t in (grad_output, *originals)]
+    grads = kernels.backward(*args, _t(stride), _t(padding), _t(dilation))
+    return [
+        input.new_empty(0) if g is None or t is None else g.to(t.dtype).contiguous()
+        for g, t in zip(grads, originals, strict=True)
+    ]
 
 
 @deform_conv2d_backward_op.register_fake
 def _(grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend):  # type: ignore[no-untyped-def]
-    empty = input.new_empty(0)
     return [
-        torch.empty_like(input),
-        torch.empty_like(offset),
-        empty if mask is None else torch.empty_like(mask),
-        torch.empty_like(weight),
-        empty if bias is None else torch.empty_like(bias),
+        input.new_empty(0) if t is None else t.new_empty(t.shape)
+        for t in (input, offset, mask, weight, bias)
     ]
 
 
@@ -87,7 +208,9 @@ def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
 
 def _backward(ctx, grad_output):  # type: ignore[no-untyped-def]
     input, offset, mask, weight, bias = ctx.saved_tensors
-    gi, go, gm, gw, gb = deform_conv2d_backward_op(grad_output, input, offset, mask, weight, bias, *ctx.args)
+    gi, go, gm, gw, gb = deform_conv2d_backward_op(
+        grad_output, input, offset, mask, weight, bias, *ctx.args
+    )
     return (
         gi, go, None if mask is None else gm, gw, None if bias is None else gb,
         None, None, None, None,
@@ -95,3 +218,5 @@ def _backward(ctx, grad_output):  # type: ignore[no-untyped-def]
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("deformconv::deform_conv2d", _device_type, torch.float32)

@@ -1,16 +1,38 @@
-"""The public deformable-convolution op: validate, then dispatch to a kernel."""
+"""The public deformable-convolution op: validate, then dispatch to a kernel.
+
+Routing of a validated call (see ``ops/_library.py`` for the custom op):
+
+============================  ==============================  ===========================
+call                          reference backend               fast backend
+============================  ==============================  ===========================
+eager, ``torch.compile``      plain torch ops (twice          ``deformconv::deform_conv2d``
+                              differentiable; dynamo traces
+                              and fuses them)
+``torch.export``              ``deformconv::deform_conv2d``   ``deformconv::deform_conv2d``
+``torch.onnx.export``         ONNX ``DeformConv`` (opset 19)  ONNX ``DeformConv``
+============================  ==============================  ===========================
+
+Under ``torch.autocast`` (CPU or CUDA) the float16/bfloat16/float32 tensors on the
+autocast device are cast to float32 first (so mixed dtypes are accepted, as
+``F.conv2d`` accepts them), the op computes in float32, and the output is cast to
+the autocast dtype. The backend is chosen when torch.compile traces a call; a
+later :func:`deformconv.use_backend` does not recompile.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from deformconv._utils import IntPair
 from deformconv.kernels import reference
-from deformconv.ops import _backend
+from deformconv.ops import _backend, _onnx
 from deformconv.ops._library import deform_conv2d_op
 from deformconv.ops._validation import check_deform_conv2d
 
 __all__ = ["deform_conv2d"]
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def deform_conv2d(
@@ -64,12 +86,53 @@ def deform_conv2d(
         >>> deform_conv2d(x, offset, weight, padding=1).shape
         torch.Size([2, 6, 8, 8])
     """
+    input, offset, weight, bias, mask, out_dtype = _autocast(input, offset, weight, bias, mask)
     geo = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    backend = _backend.resolve(input.device.type)
-    if backend == "reference":
-        return reference.deform_conv2d(
-            input, offset, mask, weight, bias, geo.stride, geo.padding, geo.dilation
-        )
-    return deform_conv2d_op(
-        input, offset, mask, weight, bias, geo.stride, geo.padding, geo.dilation, backend
-    )
+    if _onnx.in_onnx_export():
+        return _onnx.symbolic_deform_conv(input, offset, mask, weight, bias, geo)
+    backend = _resolve(input.device.type)
+    args = (input, offset, mask, weight, bias, geo.stride, geo.padding, geo.dilation)
+    if backend == "reference" and not torch.compiler.is_exporting():
+        out = reference.deform_conv2d(*args)
+    else:
+        out = deform_conv2d_op(*args, backend)
+    if _is_channels_last(input):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str) -> str:
+    # Read once when torch.compile traces (backend probes are plain Python, not graph ops).
+    return _backend.resolve(device_type)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _autocast(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, torch.dtype | None]:
+    """Under autocast on input's device: cast eligible tensors to float32; else no-op.
+
+    Returns:
+        The five tensors and the dtype to cast the output to (None: leave it).
+    """
+    if not isinstance(input, Tensor):
+        return input, offset, weight, bias, mask, None  # the validator says why
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return input, offset, weight, bias, mask, None
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        eligible = isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE
+        return t.float() if eligible and t.device.type == device_type else t  # type: ignore[union-attr]
+
+    out_dtype = torch.get_autocast_dtype(device_type) if input.dtype != torch.float64 else None
+    i, o, w = cast(input), cast(offset), cast(weight)
+    return i, o, w, cast(bias), cast(mask), out_dtype  # type: ignore[return-value]

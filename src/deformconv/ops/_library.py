@@ -9,7 +9,7 @@ reference path (plain torch ops, see :func:`deformconv.deform_conv2d`) has it.
 Backends served:
     - every fast backend registered in ``ops/_fast_backends.py``;
     - ``"reference"``: forward by ``kernels/reference.py``, backward by
-      ``torch.func.vjp`` of it. Eager calls on the reference backend do not use the
+      ``torch.autograd.grad`` of it. Eager calls on the reference backend do not use the
       op (they run plain, twice-differentiable torch ops); ``torch.export`` does, so
       an exported graph always holds one ``deformconv::deform_conv2d`` node.
 
@@ -80,22 +80,31 @@ class _ReferenceKernels:
         padding: tuple[int, int],
         dilation: tuple[int, int],
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-        # torch.func.vjp works below the autograd dispatch key, where custom-op kernels run.
-        primals = [input, offset, weight] + [t for t in (mask, bias) if t is not None]
+        leaves = [
+            None if t is None else t.detach().requires_grad_()
+            for t in (input, offset, mask, weight, bias)
+        ]
+        # Kernels run below autograd (its dispatch keys are excluded): re-enable them to
+        # differentiate the reference kernel.
+        with _autograd_dispatch(), torch.enable_grad():
+            x, off, m, w, b = leaves
+            out = reference.deform_conv2d(x, off, m, w, b, stride, padding, dilation)
+            used = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad(out, used, grad_output))
+        gi, go, gm, gw, gb = (None if t is None else next(grads) for t in leaves)
+        return gi, go, gm, gw, gb  # type: ignore[return-value]
 
-        def run(x: Tensor, off: Tensor, w: Tensor, *rest: Tensor) -> Tensor:
-            it = iter(rest)
-            m = next(it) if mask is not None else None
-            b = next(it) if bias is not None else None
-            return reference.deform_conv2d(x, off, m, w, b, stride, padding, dilation)
 
-        vjp = torch.func.vjp(run, *primals)[1]
-        grads = list(vjp(grad_output))
-        gi, go, gw = grads[0], grads[1], grads[2]
-        rest = iter(grads[3:])
-        gm = next(rest) if mask is not None else None
-        gb = next(rest) if bias is not None else None
-        return gi, go, gm, gw, gb
+def _autograd_dispatch() -> Any:
+    """A guard under which autograd records again inside a custom op's kernel."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (
+        torch._C.DispatchKey.AutogradCPU,
+        torch._C.DispatchKey.AutogradCUDA,
+        torch._C.DispatchKey.ADInplaceOrView,
+    ):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
 def _t(v: Sequence[int]) -> tuple[int, int]:

@@ -15,8 +15,8 @@ eager, ``torch.compile``      plain torch ops (twice          ``deformconv::defo
 Under ``torch.autocast`` (CPU or CUDA) the float16/bfloat16/float32 tensors on the
 autocast device are cast to float32 first (so mixed dtypes are accepted, as
 ``F.conv2d`` accepts them), the op computes in float32, and the output is cast to
-the autocast dtype. The backend is chosen when torch.compile traces a call; a
-later :func:`deformconv.use_backend` does not recompile.
+the autocast dtype. torch.compile resolves the backend while tracing and
+recompiles when :func:`deformconv.use_backend` changes the choice.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def deform_conv2d(
     geo = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     if _onnx.in_onnx_export():
         return _onnx.symbolic_deform_conv(input, offset, mask, weight, bias, geo)
-    backend = _resolve(input.device.type)
+    backend = _resolve(input.device.type, _backend.get_backend())
     args = (input, offset, mask, weight, bias, geo.stride, geo.padding, geo.dilation)
     if backend == "reference" and not torch.compiler.is_exporting():
         out = reference.deform_conv2d(*args)
@@ -102,8 +102,11 @@ def deform_conv2d(
 
 
 @torch.compiler.assume_constant_result
-def _resolve(device_type: str) -> str:
-    # Read once when torch.compile traces (backend probes are plain Python, not graph ops).
+def _resolve(device_type: str, choice: str) -> str:
+    # torch.compile calls this once while tracing (backend probes are plain Python, not graph
+    # ops); ``choice`` (the traced ``get_backend()``) makes it guard on, and recompile for, a
+    # change of :func:`deformconv.use_backend`.
+    del choice  # resolve() reads the same choice
     return _backend.resolve(device_type)
 
 

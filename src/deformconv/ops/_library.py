@@ -88,7 +88,7 @@ class _ReferenceKernels:
         # differentiate the reference kernel.
         with _autograd_dispatch(), torch.enable_grad():
             x, off, m, w, b = leaves
-            out = reference.deform_conv2d(x, off, m, w, b, stride, padding, dilation)
+            out = reference.deform_conv2d(x, off, m, w, b, stride, padding, dilation)  # type: ignore[arg-type]
             used = [t for t in leaves if t is not None]
             grads = iter(torch.autograd.grad(out, used, grad_output))
         gi, go, gm, gw, gb = (None if t is None else next(grads) for t in leaves)

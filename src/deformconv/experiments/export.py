@@ -112,7 +112,9 @@ def _compare_with_onnxruntime(
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+    feeds = {
+        i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args, strict=True)
+    }
     got = session.run(None, feeds)
     with torch.no_grad():
         expected = model(*args)

@@ -126,6 +126,7 @@ def trace_sampling_locations(
     *,
     sample: int = 0,
     offset_group: int = 0,
+    out_size: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sampling locations of one output unit traced back through stacked layers (Figure 7).
 
@@ -144,6 +145,9 @@ def trace_sampling_locations(
         unit: (row, col) of the output unit on the last layer's output map.
         sample: index n in the batch of the last forward pass.
         offset_group: which offset group g to follow.
+        out_size: (H_out, W_out) of the last layer; needed only when it is an
+            ``nn.Conv2d``. An ``nn.Conv2d`` elsewhere takes its output size from the
+            next layer (the smallest input size consistent with that layer's output).
 
     Returns:
         ``(points, weights)``: points (K^L, 2) as (y, x) in float64 coordinates of the
@@ -166,7 +170,6 @@ def trace_sampling_locations(
     if len(layers) == 0:
         raise ValueError(f"{where}: layers must not be empty")
     fields: list[SamplingField] = []
-    out_size: tuple[int, int] | None = None
     # Walk backwards so an nn.Conv2d can take its output size from the next layer's input.
     for layer in reversed(list(layers)):
         if isinstance(layer, SamplingField):
@@ -174,8 +177,7 @@ def trace_sampling_locations(
         elif isinstance(layer, nn.Conv2d) and not isinstance(layer, DeformConv2d):
             if out_size is None:
                 raise ValueError(
-                    f"{where}: an nn.Conv2d last in layers has no known output size; "
-                    "put a DeformConv2d or SamplingField last"
+                    f"{where}: out_size is required when the last layer is an nn.Conv2d"
                 )
             field = sampling_field(layer, out_size=out_size)
         else:

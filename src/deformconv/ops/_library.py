@@ -34,6 +34,7 @@ What this layer does for every backend, so kernels need not:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,6 +106,22 @@ def _autograd_dispatch() -> Any:
     ):
         exclude = exclude.remove(key)
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _alert_not_deterministic(caller: str) -> None:
+    """Torch's standard error (or warning, with ``warn_only=True``) in deterministic mode."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{caller} does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
+        "this operation, or you can use the 'warn_only=True' option, if that's acceptable "
+        "for your application."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def _t(v: Sequence[int]) -> tuple[int, int]:
@@ -188,7 +205,7 @@ def deform_conv2d_backward_op(
     device_type = input.device.type
     kernels = _kernels(backend, device_type)
     if not getattr(kernels, "DETERMINISTIC_BACKWARD", device_type == "cpu"):
-        torch._C._alert_not_deterministic(  # type: ignore[attr-defined]
+        _alert_not_deterministic(
             f"deformconv::deform_conv2d_backward (backend {backend!r} on {device_type})"
         )
     dt = _compute_dtype(kernels, input.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,19 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(args: argparse.Namespace, ddp: Distributed) -> int:
-    """Train plain and deformable models, evaluate, write table and figures (rank 0)."""
+def run_demo(
+    args: argparse.Namespace,
+    ddp: Distributed,
+    *,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> int:
+    """Train plain and deformable models, evaluate, write table and figures (rank 0).
+
+    Args:
+        args: the parsed ``deformconv demo`` options.
+        ddp: this process's DDP rank.
+        on_epoch_end: called after each epoch's checkpoint with the epochs done.
+    """
     from deformconv.experiments.figures import visualize, write_table
     from deformconv.experiments.train import train
 
@@ -120,7 +132,7 @@ def run_demo(args: argparse.Namespace, ddp: Distributed) -> int:
             progress=not args.no_progress,
             desc=kind,
             extra_state={"model_config": model_config, "data": data},
-            on_epoch_end=getattr(args, "_on_epoch_end", None),
+            on_epoch_end=on_epoch_end,
         )
         seconds = time.perf_counter() - t0
         models[kind] = model

@@ -72,10 +72,13 @@ def plot_sampling_locations(
     else:
         w = weights.detach().double().cpu().numpy()
         colors[:, 3] = np.clip(w / max(float(w.max()), 1e-12), 0.05, 1.0)
-    ax.imshow(_image(image), cmap="gray", interpolation="nearest")
+    img = _image(image)
+    ax.imshow(img, cmap="gray", interpolation="nearest")
     ax.scatter(pts[:, 1], pts[:, 0], s=6, c=colors, linewidths=0)
     if unit is not None:
         ax.plot([unit[1]], [unit[0]], marker="*", color="lime", markersize=12, mec="black")
+    ax.set_xlim(-0.5, img.shape[1] - 0.5)  # points off the image are clipped, not drawn
+    ax.set_ylim(img.shape[0] - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

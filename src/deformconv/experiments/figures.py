@@ -17,6 +17,7 @@ from deformconv.analysis import (
 )
 from deformconv.experiments.cnn import DEFORMABLE_LAYERS, SmallCNN
 from deformconv.experiments.digits import BUCKETS, ScaledDigits
+from deformconv.nn import DeformConv2d
 
 __all__ = [
     "dilation_markdown",
@@ -35,6 +36,19 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [modules[name] for name in DEFORMABLE_LAYERS]
 
 
+def _deformable_layers(model: nn.Module) -> list[DeformConv2d]:
+    layers = _layers(model)
+    if not all(isinstance(layer, DeformConv2d) for layer in layers):
+        raise ValueError(f"the model's {DEFORMABLE_LAYERS} must be DeformConv2d layers")
+    return layers  # type: ignore[return-value]
+
+
+def _offset(layer: DeformConv2d) -> Tensor:
+    if layer.last_offset is None:  # pragma: no cover - always run before
+        raise ValueError("layer has not run forward")
+    return layer.last_offset
+
+
 def pick_examples(
     dataset: ScaledDigits, *, limit: int = 400
 ) -> dict[str, tuple[int, tuple[int, int]]]:
@@ -43,8 +57,8 @@ def pick_examples(
     Each digit is the sample among the first ``limit`` whose scale is closest to
     the low end, middle and high end of the scale range; its unit is the 16x16-map
     cell nearest the centre of the digit's ink box. The background unit is the
-    cell of the small digit's image farthest from its box (at least 2 cells from
-    the border).
+    cell of the small digit's image farthest from its box, at least 3 cells (the
+    reach of three stacked 3x3 filters) from the border.
 
     Returns:
         ``{region: (sample index, (row, col) on the 16x16 map)}``.
@@ -69,9 +83,9 @@ def pick_examples(
         chosen[region] = (index, unit)
     index = chosen["small"][0]
     box = dataset[index][3] / SmallCNN.stride
-    best, best_d = (2, 2), -1.0
-    for r in range(2, side - 2):
-        for c in range(2, side - 2):
+    best, best_d = (3, 3), -1.0
+    for r in range(3, side - 3):
+        for c in range(3, side - 3):
             dy = max(float(box[0]) - r, 0.0, r - float(box[2]))
             dx = max(float(box[1]) - c, 0.0, c - float(box[3]))
             if dy * dy + dx * dx > best_d:
@@ -100,15 +114,17 @@ def dilation_table(
         One row per layer: ``{"layer", <region>_mean, <region>_std, <region>_units}``.
     """
     model.eval()
-    layers = _layers(model)
-    sums = {name: {r: [] for r in _REGIONS} for name in DEFORMABLE_LAYERS}
+    layers = _deformable_layers(model)
+    sums: dict[str, dict[str, list[Tensor]]] = {
+        name: {r: [] for r in _REGIONS} for name in DEFORMABLE_LAYERS
+    }
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(min(samples, len(dataset)))), batch_size=128
     )
     device = next(model.parameters()).device
     for images, _, buckets, boxes in loader:
         model(images.to(device))
-        side = layers[0].last_offset.shape[-1]  # type: ignore[union-attr]
+        side = _offset(layers[0]).shape[-1]
         pos = torch.arange(side, dtype=torch.float32) * SmallCNN.stride
         y, x = pos[None, :, None], pos[None, None, :]
         b = boxes[:, :, None, None]
@@ -120,7 +136,7 @@ def dilation_table(
             | (x >= b[:, 3] + margin)
         )
         for name, layer in zip(DEFORMABLE_LAYERS, layers, strict=True):
-            d = effective_dilation(layer.last_offset, layer.kernel_size, layer.dilation)  # type: ignore[arg-type]
+            d = effective_dilation(_offset(layer), layer.kernel_size, layer.dilation)
             d = d.mean(1).cpu()  # (N, H, W), groups averaged
             for k, region in enumerate(BUCKETS):
                 sums[name][region].append(d[inside & (buckets == k)[:, None, None]])
@@ -162,7 +178,9 @@ def _trace(model: nn.Module, image: Tensor, unit: tuple[int, int]) -> tuple[Tens
     with torch.no_grad():
         features = model.stem(image[None].to(next(model.parameters()).device))  # type: ignore[operator]
         model.blocks(features)  # type: ignore[operator]
-    return trace_sampling_locations(_layers(model), unit, out_size=tuple(features.shape[-2:]))
+    return trace_sampling_locations(
+        _layers(model), unit, out_size=(features.shape[-2], features.shape[-1])
+    )
 
 
 def make_figures(
@@ -209,14 +227,14 @@ def make_figures(
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    last = _layers(deformable)[-1]
+    last = _deformable_layers(deformable)[-1]
     for ax, region in zip(axes, ("small", "large"), strict=True):
         index = examples[region][0]
         image = dataset[index][0]
         _trace(deformable, image, examples[region][1])
         plot_offset_field(
             image,
-            last.last_offset[0],
+            _offset(last)[0],
             last.kernel_size,
             last.dilation,  # type: ignore[index]
             scale=SmallCNN.stride,

@@ -106,7 +106,7 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]
             decay.append(p)
         else:
             no_decay.append(p)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": config.weight_decay, "lr_mult": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
     ]
@@ -168,7 +168,7 @@ def train(
 
     ddp = ddp or Distributed()
     per_rank = max(config.batch_size // ddp.world_size, 1)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         dataset,
         num_replicas=ddp.world_size,
         rank=ddp.rank,

@@ -1,0 +1,468 @@
+"""Triton deformable convolution for CUDA: a fused bilinear gather around cuBLAS GEMMs.
+
+Forward, per chunk of images (``B`` images, ``R = B·H_out·W_out`` output pixels):
+
+1. ``im2col`` (Triton): each program takes a block of output pixels, one kernel point of
+   one offset group and a block of the group's input channels; it reads the offsets (and
+   mask) once, finds the four bilinear corners, blends them in float32 (float64 for
+   float64 tensors) and writes the modulated samples to a column buffer
+   ``(C_in·K_h·K_w, R)`` whose row ``c·K_h·K_w + k`` is what weight column
+   ``(c mod C_in/groups, k)`` multiplies. Writes are contiguous along the pixels.
+2. one batched GEMM per chunk, ``(groups, C_out/groups, C_in/groups·K) @ (groups, ·, R)``.
+
+Backward, per chunk: ``grad_W += grad_out · colsᵀ`` and ``grad_cols = Wᵀ · grad_out``
+are GEMMs; ``col2im`` (Triton) gives ``grad_input`` (atomic adds into a float32/float64
+buffer, hence not bitwise reproducible: ``DETERMINISTIC_BACKWARD = False`` makes
+``torch.use_deterministic_algorithms(True)`` raise torch's error through the custom op)
+and the offset and mask gradients, which are reductions over the channels of a sample:
+one program owns a sample (block of pixels × kernel point × offset group) and loops
+over the group's channels, so those need no atomics and are deterministic.
+
+Boundary rule and memory safety: a position is tested with comparisons that are False
+for NaN (``y >= -1 and y < H and x >= -1 and x < W``) and replaced by 0 when it fails,
+before it is floored and turned into an integer, so NaN, infinite and huge offsets never
+form an index; corner indices are clamped into the map and every load, store and atomic
+carries a ``mask=``. Flat indices are 64-bit.
+
+float16/bfloat16 tensors are served natively: samples are blended in float32 and stored
+in the input dtype for the tensor-core GEMM (which accumulates in float32); gradients
+of input, weight and bias accumulate in float32 buffers and are cast back once.
+
+The same kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+set before Triton is imported), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "DETERMINISTIC_BACKWARD",
+    "NATIVE_DTYPES",
+    "WORKSPACE_BYTES",
+    "backward",
+    "forward",
+]
+
+NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DETERMINISTIC_BACKWARD = False  # grad_input is accumulated with atomic adds
+
+# Cap on the column workspace (columns, plus grad columns in backward): images are processed
+# in chunks whose buffers fit in this many bytes (always at least one image per chunk).
+WORKSPACE_BYTES = 256 * 2**20
+
+
+@triton.jit
+def _sample_geometry(
+    off_ptr,
+    mask_ptr,
+    n,
+    ll,
+    r_ok,
+    gk,
+    kp,
+    H,
+    W,
+    W_out,
+    L,
+    GK2,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    K_W: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # Everything a block of samples (pixels ``ll`` of images ``n``, kernel point ``kp`` of
+    # offset-group-and-point ``gk``) needs: the offset address, the clamped corner rows and
+    # columns, the corner validity flags, the fractional parts and the mask value.
+    off_addr = (n * GK2 + 2 * gk) * L + ll  # int64: channel 2·gk is Δy, 2·gk + 1 is Δx
+    dy = tl.load(off_ptr + off_addr, mask=r_ok, other=0.0).to(ACC)
+    dx = tl.load(off_ptr + off_addr + L, mask=r_ok, other=0.0).to(ACC)
+    ho = ll // W_out
+    wo = ll % W_out
+    y = (ho * SH - PH + (kp // K_W) * DH).to(ACC) + dy
+    x = (wo * SW - PW + (kp % K_W) * DW).to(ACC) + dx
+    inside = r_ok & (y >= -1) & (y < H) & (x >= -1) & (x < W)  # False for NaN
+    y = tl.where(inside, y, 0.0)
+    x = tl.where(inside, x, 0.0)
+    y0 = tl.floor(y)
+    x0 = tl.floor(x)
+    ly = y - y0
+    lx = x - x0
+    iy0 = y0.to(tl.int32)  # in [-1, H) here, so the conversion is exact
+    ix0 = x0.to(tl.int32)
+    ok_y0 = inside & (iy0 >= 0)
+    ok_y1 = inside & (iy0 + 1 < H)
+    ok_x0 = ix0 >= 0
+    ok_x1 = ix0 + 1 < W
+    ry0 = tl.maximum(iy0, 0)
+    ry1 = tl.minimum(iy0 + 1, H - 1)
+    rx0 = tl.maximum(ix0, 0)
+    rx1 = tl.minimum(ix0 + 1, W - 1)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + (n * (GK2 // 2) + gk) * L + ll, mask=r_ok, other=0.0).to(ACC)
+    else:
+        m = tl.full(ly.shape, 1.0, ACC)
+    return off_addr, inside, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m
+
+
+@triton.jit
+def _im2col_kernel(
+    x_ptr,
+    off_ptr,
+    mask_ptr,
+    cols_ptr,
+    n0,
+    rows,
+    C_in,
+    C_per_off,
+    H,
+    W,
+    W_out,
+    L,
+    GK2,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    K: tl.constexpr,
+    K_W: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # cols[c·K + kp, r] = m · bilinear(x[n, c], position) for r = (n - n0)·L + l.
+    gk = tl.program_id(1)
+    g = gk // K
+    kp = gk % K
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    n = n0 + r // L
+    ll = r % L
+    _, _, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m = _sample_geometry(
+        off_ptr, mask_ptr, n, ll, r_ok, gk, kp, H, W, W_out, L, GK2,
+        SH, SW, PH, PW, DH, DW, K_W, HAS_MASK, ACC,
+    )  # fmt: skip
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C_per_off
+    cg = (g * C_per_off + c).to(tl.int64)
+    plane = ((n[None, :] * C_in + cg[:, None]) * H) * W  # (BLOCK_C, BLOCK_R)
+    cm = c_ok[:, None]
+    ok00 = cm & (ok_y0 & ok_x0)[None, :]
+    ok01 = cm & (ok_y0 & ok_x1)[None, :]
+    ok10 = cm & (ok_y1 & ok_x0)[None, :]
+    ok11 = cm & (ok_y1 & ok_x1)[None, :]
+    v00 = tl.load(x_ptr + plane + (ry0 * W + rx0)[None, :], mask=ok00, other=0.0).to(ACC)
+    v01 = tl.load(x_ptr + plane + (ry0 * W + rx1)[None, :], mask=ok01, other=0.0).to(ACC)
+    v10 = tl.load(x_ptr + plane + (ry1 * W + rx0)[None, :], mask=ok10, other=0.0).to(ACC)
+    v11 = tl.load(x_ptr + plane + (ry1 * W + rx1)[None, :], mask=ok11, other=0.0).to(ACC)
+    val = (v00 * hx[None, :] + v01 * lx[None, :]) * (hy * m)[None, :] + (
+        v10 * hx[None, :] + v11 * lx[None, :]
+    ) * (ly * m)[None, :]
+    dst = (cg[:, None] * K + kp) * rows + r[None, :]
+    tl.store(cols_ptr + dst, val.to(cols_ptr.dtype.element_ty), mask=cm & r_ok[None, :])
+
+
+@triton.jit
+def _col2im_kernel(
+    x_ptr,
+    off_ptr,
+    mask_ptr,
+    gcols_ptr,
+    gx_ptr,
+    goff_ptr,
+    gmask_ptr,
+    n0,
+    rows,
+    C_in,
+    C_per_off,
+    H,
+    W,
+    W_out,
+    L,
+    GK2,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    K: tl.constexpr,
+    K_W: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # For the samples of this program (pixels r, point kp of group g) and every channel c of
+    # the group, with gc = grad_cols[c·K + kp, r]:
+    #   grad_x[corner] += gc · m · corner weight          (atomic: corners are shared)
+    #   grad_m        = sum_c gc · bilinear(x[c])         (owned: plain store)
+    #   grad_Δy/Δx    = sum_c gc · m · ∂bilinear/∂y, ∂x   (owned: plain store)
+    gk = tl.program_id(1)
+    g = gk // K
+    kp = gk % K
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    n = n0 + r // L
+    ll = r % L
+    off_addr, inside, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m = (
+        _sample_geometry(
+            off_ptr, mask_ptr, n, ll, r_ok, gk, kp, H, W, W_out, L, GK2,
+            SH, SW, PH, PW, DH, DW, K_W, HAS_MASK, ACC,
+        )
+    )  # fmt: skip
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    ok00 = (ok_y0 & ok_x0)[None, :]
+    ok01 = (ok_y0 & ok_x1)[None, :]
+    ok10 = (ok_y1 & ok_x0)[None, :]
+    ok11 = (ok_y1 & ok_x1)[None, :]
+    i00 = (ry0 * W + rx0)[None, :]
+    i01 = (ry0 * W + rx1)[None, :]
+    i10 = (ry1 * W + rx0)[None, :]
+    i11 = (ry1 * W + rx1)[None, :]
+    acc_y = tl.zeros((BLOCK_R,), dtype=ACC)
+    acc_x = tl.zeros((BLOCK_R,), dtype=ACC)
+    acc_m = tl.zeros((BLOCK_R,), dtype=ACC)
+    for c_start in range(0, C_per_off, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_ok = c < C_per_off
+        cg = (g * C_per_off + c).to(tl.int64)
+        cm = c_ok[:, None]
+        gc = tl.load(
+            gcols_ptr + (cg[:, None] * K + kp) * rows + r[None, :],
+            mask=cm & r_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        plane = ((n[None, :] * C_in + cg[:, None]) * H) * W
+        v00 = tl.load(x_ptr + plane + i00, mask=cm & ok00, other=0.0).to(ACC)
+        v01 = tl.load(x_ptr + plane + i01, mask=cm & ok01, other=0.0).to(ACC)
+        v10 = tl.load(x_ptr + plane + i10, mask=cm & ok10, other=0.0).to(ACC)
+        v11 = tl.load(x_ptr + plane + i11, mask=cm & ok11, other=0.0).to(ACC)
+        if HAS_MASK:
+            val = (v00 * hx[None, :] + v01 * lx[None, :]) * hy[None, :] + (
+                v10 * hx[None, :] + v11 * lx[None, :]
+            ) * ly[None, :]
+            acc_m += tl.sum(gc * val, axis=0)
+        gcm = gc * m[None, :]
+        dvdy = (v10 - v00) * hx[None, :] + (v11 - v01) * lx[None, :]
+        dvdx = (v01 - v00) * hy[None, :] + (v11 - v10) * ly[None, :]
+        acc_y += tl.sum(gcm * dvdy, axis=0)
+        acc_x += tl.sum(gcm * dvdx, axis=0)
+        tl.atomic_add(gx_ptr + plane + i00, gcm * (hy * hx)[None, :], mask=cm & ok00)
+        tl.atomic_add(gx_ptr + plane + i01, gcm * (hy * lx)[None, :], mask=cm & ok01)
+        tl.atomic_add(gx_ptr + plane + i10, gcm * (ly * hx)[None, :], mask=cm & ok10)
+        tl.atomic_add(gx_ptr + plane + i11, gcm * (ly * lx)[None, :], mask=cm & ok11)
+    out_ty = goff_ptr.dtype.element_ty
+    tl.store(goff_ptr + off_addr, tl.where(inside, acc_y, 0.0).to(out_ty), mask=r_ok)
+    tl.store(goff_ptr + off_addr + L, tl.where(inside, acc_x, 0.0).to(out_ty), mask=r_ok)
+    if HAS_MASK:
+        m_addr = (n * (GK2 // 2) + gk) * L + ll
+        tl.store(gmask_ptr + m_addr, acc_m.to(gmask_ptr.dtype.element_ty), mask=r_ok)
+
+
+class _Geometry:
+    """Sizes of one call, derived once from the tensors' shapes."""
+
+    def __init__(
+        self,
+        input: Tensor,
+        offset: Tensor,
+        weight: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> None:
+        self.n, self.c_in, self.h, self.w = input.shape
+        self.c_out, self.c_per_group, self.k_h, self.k_w = weight.shape
+        self.groups = self.c_in // self.c_per_group
+        self.k = self.k_h * self.k_w
+        self.n_off = offset.shape[1] // (2 * self.k)
+        self.c_per_off = self.c_in // self.n_off
+        self.h_out, self.w_out = offset.shape[2], offset.shape[3]
+        self.length = self.h_out * self.w_out
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.acc = tl.float64 if input.dtype == torch.float64 else tl.float32
+        self.acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        # The interpreter runs programs one by one: fewer, larger ones are faster there.
+        interpreted = input.device.type == "cpu"
+        self.block_r = 256 if interpreted else 128
+        cap = 64 if interpreted else 16
+        self.block_c = min(cap, triton.next_power_of_2(self.c_per_off))
+
+    def chunk(self, element_size: int, buffers: int) -> int:
+        """Images per chunk so that ``buffers`` column buffers fit in WORKSPACE_BYTES."""
+        per_image = buffers * self.c_in * self.k * self.length * element_size
+        return max(1, min(self.n, WORKSPACE_BYTES // max(per_image, 1)))
+
+    def kernel_args(self, n0: int, rows: int) -> tuple[int, ...]:
+        return (
+            n0, rows, self.c_in, self.c_per_off, self.h, self.w, self.w_out, self.length,
+            2 * self.n_off * self.k, *self.stride, *self.padding, *self.dilation,
+        )  # fmt: skip
+
+    def meta(self, has_mask: bool) -> dict[str, object]:
+        return {
+            "K": self.k,
+            "K_W": self.k_w,
+            "HAS_MASK": has_mask,
+            "ACC": self.acc,
+            "BLOCK_R": self.block_r,
+            "BLOCK_C": self.block_c,
+        }
+
+
+def _im2col(
+    geo: _Geometry, input: Tensor, offset: Tensor, mask: Tensor | None, n0: int, images: int
+) -> Tensor:
+    """Modulated samples of images ``n0 .. n0 + images``: (groups, C_in/groups·K, B·L)."""
+    rows = images * geo.length
+    cols = input.new_empty(geo.c_in * geo.k, rows)
+    grid = (
+        triton.cdiv(rows, geo.block_r),
+        geo.n_off * geo.k,
+        triton.cdiv(geo.c_per_off, geo.block_c),
+    )
+    _im2col_kernel[grid](
+        input,
+        offset,
+        offset if mask is None else mask,  # never read without HAS_MASK
+        cols,
+        *geo.kernel_args(n0, rows),
+        **geo.meta(mask is not None),
+    )
+    return cols.view(geo.groups, geo.c_per_group * geo.k, rows)
+
+
+def forward(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """Deformable convolution forward (arguments validated; see :func:`deformconv.deform_conv2d`).
+
+    Args:
+        input: (N, C_in, H_in, W_in), CUDA (or CPU under the Triton interpreter).
+        offset: (N, 2·G·K_h·K_w, H_out, W_out).
+        mask: (N, G·K_h·K_w, H_out, W_out) or None.
+        weight: (C_out, C_in/groups, K_h, K_w).
+        bias: (C_out,) or None.
+        stride: (s_h, s_w).
+        padding: (p_h, p_w).
+        dilation: (d_h, d_w).
+
+    Returns:
+        (N, C_out, H_out, W_out) in ``input``'s dtype.
+    """
+    input, offset, weight = input.contiguous(), offset.to(input.dtype).contiguous(), weight
+    mask = None if mask is None else mask.to(input.dtype).contiguous()
+    geo = _Geometry(input, offset, weight, stride, padding, dilation)
+    out = input.new_empty(geo.n, geo.c_out, geo.h_out, geo.w_out)
+    if geo.n == 0:
+        return out
+    w_g = weight.to(input.dtype).reshape(geo.groups, geo.c_out // geo.groups, -1)
+    chunk = geo.chunk(input.element_size(), buffers=1)
+    for n0 in range(0, geo.n, chunk):
+        images = min(chunk, geo.n - n0)
+        cols = _im2col(geo, input, offset, mask, n0, images)
+        res = torch.matmul(w_g, cols).view(geo.c_out, images, geo.length).transpose(0, 1)
+        if bias is not None:
+            res = res.to(geo.acc_dtype) + bias.to(geo.acc_dtype).view(1, -1, 1)
+        out[n0 : n0 + images].view(images, geo.c_out, geo.length).copy_(res)
+    return out
+
+
+def backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Gradients of :func:`forward` for ``(input, offset, mask, weight, bias)``.
+
+    Args:
+        grad_output: (N, C_out, H_out, W_out).
+        input: (N, C_in, H_in, W_in).
+        offset: (N, 2·G·K_h·K_w, H_out, W_out).
+        mask: (N, G·K_h·K_w, H_out, W_out) or None.
+        weight: (C_out, C_in/groups, K_h, K_w).
+        bias: (C_out,) or None.
+        stride: (s_h, s_w).
+        padding: (p_h, p_w).
+        dilation: (d_h, d_w).
+
+    Returns:
+        Gradients shaped and typed like ``(input, offset, mask, weight, bias)``; None for
+        ``mask``/``bias`` when they are None. ``grad_input`` is summed with atomic adds, so
+        its last bits may vary between runs.
+    """
+    dtype = input.dtype
+    input, offset = input.contiguous(), offset.to(dtype).contiguous()
+    mask = None if mask is None else mask.to(dtype).contiguous()
+    geo = _Geometry(input, offset, weight, stride, padding, dilation)
+    acc_dtype = geo.acc_dtype
+    grad_input = torch.zeros(input.shape, dtype=acc_dtype, device=input.device)
+    grad_offset = torch.zeros_like(offset)
+    grad_mask = None if mask is None else torch.zeros_like(mask)
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = grad_output.sum((0, 2, 3), dtype=acc_dtype).to(bias.dtype)
+    if geo.n > 0:
+        cog = geo.c_out // geo.groups
+        w_g = weight.to(dtype).reshape(geo.groups, cog, -1)
+        w_t = w_g.transpose(1, 2)
+        grad_output = grad_output.to(dtype)
+        chunk = geo.chunk(input.element_size(), buffers=2)
+        for n0 in range(0, geo.n, chunk):
+            images = min(chunk, geo.n - n0)
+            rows = images * geo.length
+            # (B, C_out, L) -> (groups, C_out/groups, B·L), the GEMMs' layout.
+            go = grad_output[n0 : n0 + images].reshape(images, geo.c_out, geo.length)
+            go = go.transpose(0, 1).reshape(geo.groups, cog, rows)
+            cols = _im2col(geo, input, offset, mask, n0, images)
+            grad_weight += torch.matmul(go, cols.transpose(1, 2)).view(weight.shape)
+            del cols
+            grad_cols = torch.matmul(w_t, go)  # (groups, C_in/groups·K, B·L)
+            grid = (triton.cdiv(rows, geo.block_r), geo.n_off * geo.k)
+            _col2im_kernel[grid](
+                input,
+                offset,
+                offset if mask is None else mask,
+                grad_cols,
+                grad_input,
+                grad_offset,
+                grad_offset if grad_mask is None else grad_mask,  # never written without mask
+                *geo.kernel_args(n0, rows),
+                **geo.meta(mask is not None),
+            )
+    return (
+        grad_input.to(dtype),
+        grad_offset,
+        grad_mask,
+        grad_weight.to(weight.dtype),
+        grad_bias,
+    )

@@ -9,3 +9,20 @@ from __future__ import annotations
 from deformconv.ops._backend import FastBackend, register
 
 __all__: list[str] = []
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def _load_triton():  # type: ignore[no-untyped-def]
+    from deformconv.kernels import _triton
+
+    return _triton
+
+
+register(FastBackend("triton", ("cuda",), _triton_available, _load_triton))

@@ -8,7 +8,22 @@ from __future__ import annotations
 
 from deformconv.ops._backend import FastBackend, register
 
-__all__: list[str] = []
+__all__: list[str] = []  # registers on import; exports nothing
+
+
+def _numba_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+def _load_numba():  # type: ignore[no-untyped-def]
+    from deformconv.kernels import _numba
+
+    return _numba
+
+
+register(FastBackend("numba", ("cpu",), _numba_available, _load_numba))
 
 
 def _triton_available() -> bool:

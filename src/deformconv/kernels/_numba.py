@@ -1,0 +1,464 @@
+"""Fast CPU deformable convolution: Numba kernels around BLAS GEMMs.
+
+Forward, per chunk of output pixels (rows):
+
+1. ``_im2col`` (parallel over rows): for every output pixel and kernel point the four
+   bilinear corners are found once per offset group, then blended (times the mask) over
+   the group's channels, read from a channels-last copy of the input (contiguous, so the
+   channel loop vectorises) and written to a column buffer of shape
+   (rows, groups, K_h·K_w, C_in/groups): one row per output pixel, each weight group's
+   columns contiguous.
+2. one GEMM per weight group, ``columns · Wᵀ``, into (rows, C_out), permuted to NCHW
+   at the end.
+
+Backward, per chunk: ``_im2col`` again (columns are recomputed, not stored),
+``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs), then
+``_col2im`` scatters ``grad_columns`` into a channels-last ``grad_input`` and computes the
+offset and mask gradients in the same pass. ``_col2im`` runs in parallel over tasks
+(image, offset group, block of ``CHANNEL_BLOCK`` channels): a task owns a disjoint slice
+of ``grad_input`` and its own partial offset/mask gradient, and the partials are summed
+afterwards in a fixed order. No two threads write the same memory and the task split does
+not depend on the thread count, so the results are bitwise reproducible.
+
+Memory: the column workspace (and, in backward, the grad-column workspace) is processed
+in chunks of rows whose size stays under :data:`WORKSPACE_BYTES`; whole images per chunk
+when they fit, otherwise slices of one image.
+
+Safety: a sample position is tested with comparisons that are False for NaN
+(``y >= -1 and y < H and ...``) before it is floored and converted to an integer, so NaN,
+infinite and huge offsets never form an index: they read 0 and get zero gradients, as in
+``kernels/reference.py``. Corner indices are clamped into the map (a corner outside gets
+weight 0), so every read and write is in bounds. All indices are Numba's 64-bit integers:
+the largest flat offset formed is ``row · (K_h·K_w·C_in)`` or ``((n·H + y)·W + x)·C_in``,
+below the tensor's element count, which fits in int64 for any tensor that fits in memory
+(tensors above 2**31 elements index correctly).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["CHANNEL_BLOCK", "WORKSPACE_BYTES", "backward", "forward"]
+
+#: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
+#: columns plus the grad columns). Peak extra memory is about this cap plus the output (or
+#: the gradients) and one channels-last copy of the input.
+WORKSPACE_BYTES = 64 * 2**20
+
+#: Channels per ``_col2im`` task (per offset group). A fixed number, independent of the
+#: thread count, so that the order of every floating-point sum is fixed.
+CHANNEL_BLOCK = 64
+
+_JIT = {"parallel": True, "cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+
+
+@numba.njit(inline="always")
+def _corners(y, x, height, width, one):  # pragma: no cover
+    """Bilinear corners of a position with -1 <= y < H and -1 <= x < W (checked by caller).
+
+    Returns the clamped (always in-range) corner rows and columns, the fractional parts
+    ``ly, lx`` and the 0/1 validity of the four corners, all in the dtype of ``one``.
+    """
+    y0 = np.floor(y)
+    x0 = np.floor(x)
+    ly = y - y0
+    lx = x - x0
+    iy0 = np.int64(y0)  # in [-1, H - 1]: y was range-checked, so the conversion is exact
+    ix0 = np.int64(x0)
+    zero = one - one
+    vy0 = one if iy0 >= 0 else zero
+    vy1 = one if iy0 + 1 < height else zero
+    vx0 = one if ix0 >= 0 else zero
+    vx1 = one if ix0 + 1 < width else zero
+    ry0 = max(iy0, 0)
+    ry1 = min(iy0 + 1, height - 1)
+    rx0 = max(ix0, 0)
+    rx1 = min(ix0 + 1, width - 1)
+    return ry0, ry1, rx0, rx1, ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
+
+
+@numba.njit(**_JIT)
+def _im2col(
+    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg
+):  # pragma: no cover
+    # x: (N·H·W, C_in), the channels-last input with pixels flattened. off: (N, G, K, 2, L).
+    # mask: (N, G, K, L) or a dummy. base_y, base_x: (K, L) sampling grid without offsets.
+    # cols: (R, groups·K·C_pg) for the global rows row0 .. row0 + R (row = n·L + l); channel
+    # c of kernel point k goes to column (c // C_pg)·K·C_pg + k·C_pg + c % C_pg.
+    # Inner-loop indices are unsigned (all are >= 0): Numba then skips its negative-index
+    # wraparound and LLVM vectorises the channel loop.
+    n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
+    c_per = x.shape[1] // n_off
+    one = x.dtype.type(1)
+    for r in numba.prange(cols.shape[0]):
+        b = (row0 + r) // length
+        p_l = (row0 + r) - b * length
+        pix = b * height * width
+        for k in range(n_k):
+            for g in range(n_off):
+                y = base_y[k, p_l] + off[b, g, k, 0, p_l]
+                xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
+                w00 = w01 = w10 = w11 = one - one
+                i00 = i01 = i10 = i11 = np.uint64(pix)
+                if y >= -1 and y < height and xx >= -1 and xx < width:  # False for NaN
+                    m = mask[b, g, k, p_l] if has_mask else one
+                    ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners(
+                        y, xx, height, width, one
+                    )
+                    hy = one - ly
+                    hx = one - lx
+                    w00 = hy * hx * v00 * m
+                    w01 = hy * lx * v01 * m
+                    w10 = ly * hx * v10 * m
+                    w11 = ly * lx * v11 * m
+                    i00 = np.uint64(pix + ry0 * width + rx0)
+                    i01 = np.uint64(pix + ry0 * width + rx1)
+                    i10 = np.uint64(pix + ry1 * width + rx0)
+                    i11 = np.uint64(pix + ry1 * width + rx1)
+                # Outside the map every weight is 0 (the row reads 0; the indices are valid).
+                c = g * c_per
+                c_end = c + c_per
+                while c < c_end:  # runs of channels inside one weight group
+                    wg = c // c_pg
+                    cnt = np.uint64(min(c_end, (wg + 1) * c_pg) - c)
+                    col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
+                    cu = np.uint64(c)
+                    for j in range(cnt):
+                        cols[r, col + j] = (
+                            w00 * x[i00, cu + j] + w01 * x[i01, cu + j]
+                            + w10 * x[i10, cu + j] + w11 * x[i11, cu + j]
+                        )  # fmt: skip
+                    c += np.int64(cnt)
+
+
+@numba.njit(**_JIT)
+def _col2im(
+    x, height, width, off, mask, has_mask, base_y, base_x, gcols, row0, c_pg, gx, g_off, g_mask
+):  # pragma: no cover
+    # x, gx: (N·H·W, C_in) channels-last input and grad_input (accumulated into).
+    # gcols: (R, groups·K·C_pg) grad columns of the global rows row0 .. row0 + R (layout of
+    # _im2col). g_off: (B_c, N, G, K, 2, L) and g_mask: (B_c, N, G, K, L): one partial per
+    # channel block (B_c = ceil(C_per / CHANNEL_BLOCK)), written for every row of the chunk.
+    # Task (image, offset group, channel block) owns gx[image's pixels, block's channels]
+    # and g_off[block, image, group]: no two tasks write the same element.
+    n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
+    c_per = x.shape[1] // n_off
+    n_blocks = g_off.shape[0]
+    block = (c_per + n_blocks - 1) // n_blocks
+    rows = gcols.shape[0]
+    b_first = row0 // length
+    b_last = (row0 + rows - 1) // length
+    n_tasks = (b_last - b_first + 1) * n_off * n_blocks
+    one = x.dtype.type(1)
+    zero = one - one
+    for t in numba.prange(n_tasks):
+        b = b_first + t // (n_off * n_blocks)
+        g = (t // n_blocks) % n_off
+        blk = t % n_blocks
+        c_lo = g * c_per + blk * block
+        c_hi = min(c_lo + block, (g + 1) * c_per)
+        r_lo = max(row0, b * length) - row0
+        r_hi = min(row0 + rows, (b + 1) * length) - row0
+        pix = b * height * width
+        for r in range(r_lo, r_hi):
+            p_l = (row0 + r) - b * length
+            for k in range(n_k):
+                y = base_y[k, p_l] + off[b, g, k, 0, p_l]
+                xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
+                if not (y >= -1 and y < height and xx >= -1 and xx < width):  # False for NaN
+                    g_off[blk, b, g, k, 0, p_l] = zero
+                    g_off[blk, b, g, k, 1, p_l] = zero
+                    g_mask[blk, b, g, k, p_l] = zero
+                    continue
+                m = mask[b, g, k, p_l] if has_mask else one
+                ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners(y, xx, height, width, one)
+                hy = one - ly
+                hx = one - lx
+                w00 = hy * hx * v00 * m
+                w01 = hy * lx * v01 * m
+                w10 = ly * hx * v10 * m
+                w11 = ly * lx * v11 * m
+                i00 = np.uint64(pix + ry0 * width + rx0)
+                i01 = np.uint64(pix + ry0 * width + rx1)
+                i10 = np.uint64(pix + ry1 * width + rx0)
+                i11 = np.uint64(pix + ry1 * width + rx1)
+                acc_y = zero
+                acc_x = zero
+                acc_m = zero
+                c = c_lo
+                while c < c_hi:  # runs of channels inside one weight group
+                    wg = c // c_pg
+                    cnt = np.uint64(min(c_hi, (wg + 1) * c_pg) - c)
+                    col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
+                    cu = np.uint64(c)
+                    for j in range(cnt):
+                        cc = cu + j
+                        gc = gcols[r, col + j]
+                        a00 = x[i00, cc] * v00
+                        a01 = x[i01, cc] * v01
+                        a10 = x[i10, cc] * v10
+                        a11 = x[i11, cc] * v11
+                        acc_m += gc * (
+                            hy * hx * a00 + hy * lx * a01 + ly * hx * a10 + ly * lx * a11
+                        )
+                        acc_y += gc * (hx * (a10 - a00) + lx * (a11 - a01))
+                        acc_x += gc * (hy * (a01 - a00) + ly * (a11 - a10))
+                        gx[i00, cc] += gc * w00
+                        gx[i01, cc] += gc * w01
+                        gx[i10, cc] += gc * w10
+                        gx[i11, cc] += gc * w11
+                    c += np.int64(cnt)
+                g_off[blk, b, g, k, 0, p_l] = acc_y * m
+                g_off[blk, b, g, k, 1, p_l] = acc_x * m
+                g_mask[blk, b, g, k, p_l] = acc_m
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _set_threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _chunks(n: int, length: int, bytes_per_row: int) -> list[tuple[int, int]]:
+    """Global row ranges [r0, r1) of at most ``WORKSPACE_BYTES`` of workspace each.
+
+    A chunk holds whole images when one image fits, otherwise a slice of one image.
+    """
+    if n * length == 0:
+        return []
+    rows = max(1, WORKSPACE_BYTES // max(1, bytes_per_row))
+    if rows >= length:
+        step = (rows // length) * length
+        return [(r0, min(n * length, r0 + step)) for r0 in range(0, n * length, step)]
+    return [
+        (b * length + l0, b * length + min(length, l0 + rows))
+        for b in range(n)
+        for l0 in range(0, length, rows)
+    ]
+
+
+_cache = threading.local()
+
+
+def _workspace(rows: int, width: int, count: int, dtype: torch.dtype) -> list[Tensor]:
+    """``count`` (rows, width) buffers from one block kept per Python thread between calls.
+
+    Reusing the block saves page-faulting fresh memory on every call (several ms for a
+    workspace of tens of MiB); the block never exceeds the largest workspace used so far,
+    itself at most about ``WORKSPACE_BYTES``.
+    """
+    numel = rows * width * count
+    block = getattr(_cache, "block", None)
+    if block is None or block.dtype != dtype or block.numel() < numel:
+        _cache.block = None  # free the old block before allocating the new one
+        block = _cache.block = torch.empty(numel, dtype=dtype)
+    return list(block[:numel].view(count, rows, width).unbind(0))
+
+
+def _base_grid(
+    k_h: int,
+    k_w: int,
+    h_out: int,
+    w_out: int,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(K, L) rows and columns sampled without offsets.
+
+    Computed in ``dtype`` as the reference does, so positions (and floors) match it.
+    """
+    ky = (torch.arange(k_h, dtype=dtype) * dilation[0]).repeat_interleave(k_w)
+    kx = (torch.arange(k_w, dtype=dtype) * dilation[1]).repeat(k_h)
+    oy = (torch.arange(h_out, dtype=dtype) * stride[0] - padding[0]).repeat_interleave(w_out)
+    ox = (torch.arange(w_out, dtype=dtype) * stride[1] - padding[1]).repeat(h_out)
+    return (ky[:, None] + oy[None, :]).contiguous(), (kx[:, None] + ox[None, :]).contiguous()
+
+
+class _Problem:
+    """Inputs in the compute dtype and layout the kernels use, plus the geometry."""
+
+    def __init__(
+        self,
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor | None,
+        weight: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> None:
+        self.dtype = dt = _compute_dtype(input.dtype)
+        self.n, self.c_in = input.shape[0], input.shape[1]
+        self.c_out, self.c_pg, k_h, k_w = weight.shape
+        self.groups = self.c_in // self.c_pg
+        self.k = k_h * k_w
+        self.h_out, self.w_out = offset.shape[2], offset.shape[3]
+        self.length = self.h_out * self.w_out
+        self.n_off = offset.shape[1] // (2 * self.k)
+        self.x = input.detach().to(dt).permute(0, 2, 3, 1).contiguous()
+        self.height, self.width = self.x.shape[1], self.x.shape[2]
+        self.x2 = self.x.reshape(-1, self.c_in)  # (N·H·W, C_in)
+        shape = (self.n, self.n_off, self.k, 2, self.length)
+        self.off = offset.detach().to(dt).contiguous().reshape(shape)
+        self.has_mask = mask is not None
+        self.mask = (
+            mask.detach().to(dt).contiguous().reshape(self.n, self.n_off, self.k, self.length)
+            if mask is not None
+            else self.x.new_zeros(1, 1, 1, 1)
+        )
+        self.base_y, self.base_x = _base_grid(
+            k_h, k_w, self.h_out, self.w_out, stride, padding, dilation, dt
+        )
+        # (C_out, C_pg, K_h, K_w) -> (groups, K·C_pg, C_out/groups): the columns' order.
+        w = (
+            weight.detach()
+            .to(dt)
+            .reshape(self.groups, self.c_out // self.groups, self.c_pg, self.k)
+        )
+        self.w_mat = w.permute(0, 3, 2, 1).reshape(self.groups, self.k * self.c_pg, -1)
+
+    @property
+    def row_width(self) -> int:
+        return self.groups * self.k * self.c_pg
+
+    def _common(self) -> tuple[object, ...]:
+        return (
+            self.x2.numpy(), self.height, self.width, self.off.numpy(), self.mask.numpy(),
+            self.has_mask, self.base_y.numpy(), self.base_x.numpy(),
+        )  # fmt: skip
+
+    def im2col(self, cols: Tensor, r0: int) -> None:
+        """Fill ``cols`` (R, groups·K·C_pg) for the global rows r0 .. r0 + R."""
+        _im2col(*self._common(), cols.numpy(), r0, self.c_pg)
+
+    def col2im(self, gcols: Tensor, r0: int, gx: Tensor, g_off: Tensor, g_mask: Tensor) -> None:
+        """Scatter ``gcols`` into ``gx`` and write the offset / mask gradient partials."""
+        gx2 = gx.reshape(-1, self.c_in)
+        _col2im(
+            *self._common(), gcols.numpy(), r0, self.c_pg, gx2.numpy(), g_off.numpy(),
+            g_mask.numpy(),
+        )  # fmt: skip
+
+    def group_columns(self, cols: Tensor, g: int) -> Tensor:
+        """(R, K·C_pg) view of weight group g's columns (row stride = row_width)."""
+        width = self.k * self.c_pg
+        return cols[:, g * width : (g + 1) * width]
+
+
+def forward(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """Deformable convolution forward; see :func:`deformconv.deform_conv2d` for shapes.
+
+    Returns:
+        (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype (computed in float64 for
+        float64 inputs, float32 otherwise).
+    """
+    _set_threads()
+    p = _Problem(input, offset, mask, weight, stride, padding, dilation)
+    total = p.n * p.length
+    cog = p.c_out // p.groups
+    out_rows = torch.empty(p.groups, total, cog, dtype=p.dtype)
+    chunks = _chunks(p.n, p.length, p.row_width * p.x.element_size())
+    rows = max((r1 - r0 for r0, r1 in chunks), default=0)
+    (cols,) = _workspace(rows, p.row_width, 1, p.dtype)
+    for r0, r1 in chunks:
+        chunk = cols[: r1 - r0]
+        p.im2col(chunk, r0)
+        for g in range(p.groups):
+            torch.mm(p.group_columns(chunk, g), p.w_mat[g], out=out_rows[g, r0:r1])
+    # (groups, N·L, C_out/groups) -> (N, C_out, H_out, W_out)
+    out = out_rows.reshape(p.groups, p.n, p.length, cog).permute(1, 0, 3, 2)
+    out = out.reshape(p.n, p.c_out, p.h_out, p.w_out)
+    if bias is not None:
+        out = out + bias.to(p.dtype).reshape(1, p.c_out, 1, 1)
+    return out.to(input.dtype).contiguous()
+
+
+def backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Gradients of a deformable convolution.
+
+    Args:
+        grad_output: (N, C_out, H_out, W_out).
+        input: (N, C_in, H_in, W_in).
+        offset: (N, 2·G·K_h·K_w, H_out, W_out).
+        mask: (N, G·K_h·K_w, H_out, W_out) or None.
+        weight: (C_out, C_in/groups, K_h, K_w).
+        bias: (C_out,) or None.
+        stride: (s_h, s_w).
+        padding: (p_h, p_w).
+        dilation: (d_h, d_w).
+
+    Returns:
+        ``(grad_input, grad_offset, grad_mask, grad_weight, grad_bias)`` with the shapes
+        and dtypes of their arguments; ``grad_mask`` / ``grad_bias`` are None when
+        ``mask`` / ``bias`` is None.
+    """
+    _set_threads()
+    p = _Problem(input, offset, mask, weight, stride, padding, dilation)
+    total = p.n * p.length
+    cog = p.c_out // p.groups
+    # (N, C_out, H_out, W_out) -> (groups, N·L, C_out/groups)
+    g_rows = grad_output.detach().to(p.dtype).reshape(p.n, p.groups, cog, p.length)
+    g_rows = g_rows.permute(1, 0, 3, 2).contiguous().reshape(p.groups, total, cog)
+    c_per = p.c_in // p.n_off
+    n_blocks = max(1, -(-c_per // CHANNEL_BLOCK))
+    gx = torch.zeros_like(p.x)
+    gw_mat = torch.zeros_like(p.w_mat)
+    g_off = p.x.new_empty(n_blocks, *p.off.shape)
+    g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length)
+    chunks = _chunks(p.n, p.length, 2 * p.row_width * p.x.element_size())
+    rows = max((r1 - r0 for r0, r1 in chunks), default=0)
+    cols, gcols = _workspace(rows, p.row_width, 2, p.dtype)
+    for r0, r1 in chunks:
+        chunk, gchunk = cols[: r1 - r0], gcols[: r1 - r0]
+        p.im2col(chunk, r0)
+        for g in range(p.groups):
+            gw_mat[g].addmm_(p.group_columns(chunk, g).t(), g_rows[g, r0:r1])
+            if p.groups == 1:
+                torch.mm(g_rows[g, r0:r1], p.w_mat[g].t(), out=gchunk)
+            else:
+                p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g].t())
+        p.col2im(gchunk, r0, gx, g_off, g_mask)
+    # Partials summed in a fixed order: bitwise reproducible.
+    grad_off, grad_m = g_off[0], g_mask[0]
+    for i in range(1, n_blocks):
+        grad_off = grad_off + g_off[i]
+        grad_m = grad_m + g_mask[i]
+    grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
+    # (N, G, K, 2, L) is (N, 2·G·K, H_out, W_out): channel 2·(g·K + k) is Δy, the next Δx.
+    grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
+    grad_mask = grad_m.reshape(mask.shape).to(mask.dtype) if mask is not None else None
+    k_h, k_w = weight.shape[2], weight.shape[3]
+    grad_weight = gw_mat.reshape(p.groups, k_h, k_w, p.c_pg, cog).permute(0, 4, 3, 1, 2)
+    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = grad_output.to(p.dtype).sum((0, 2, 3)).to(bias.dtype)
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

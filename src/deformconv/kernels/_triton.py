@@ -15,8 +15,10 @@ are GEMMs; ``col2im`` (Triton) gives ``grad_input`` (atomic adds into a float32/
 buffer, hence not bitwise reproducible: ``DETERMINISTIC_BACKWARD = False`` makes
 ``torch.use_deterministic_algorithms(True)`` raise torch's error through the custom op)
 and the offset and mask gradients, which are reductions over the channels of a sample:
-one program owns a sample (block of pixels × kernel point × offset group) and loops
-over the group's channels, so those need no atomics and are deterministic.
+a program owns a sample (block of pixels × kernel point × offset group) and a slice of
+the group's channels, writes its partial sums to its own slot, and the slots are summed
+in a fixed order afterwards, so those need no atomics and are deterministic. (Slicing
+the channels keeps the GPU busy when there are few samples, e.g. 7x7 maps.)
 
 Boundary rule and memory safety: a position is tested with comparisons that are False
 for NaN (``y >= -1 and y < H and x >= -1 and x < W``) and replaced by 0 when it fails,
@@ -53,6 +55,8 @@ DETERMINISTIC_BACKWARD = False  # grad_input is accumulated with atomic adds
 # Cap on the column workspace (columns, plus grad columns in backward): images are processed
 # in chunks whose buffers fit in this many bytes (always at least one image per chunk).
 WORKSPACE_BYTES = 256 * 2**20
+# col2im splits a sample's channels over programs until about this many run at once.
+_COL2IM_PROGRAMS = 4096
 
 
 @triton.jit
@@ -182,8 +186,7 @@ def _col2im_kernel(
     mask_ptr,
     gcols_ptr,
     gx_ptr,
-    goff_ptr,
-    gmask_ptr,
+    part_ptr,
     n0,
     rows,
     C_in,
@@ -199,6 +202,7 @@ def _col2im_kernel(
     PW,
     DH,
     DW,
+    C_SPLIT,
     K: tl.constexpr,
     K_W: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -206,11 +210,12 @@ def _col2im_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # For the samples of this program (pixels r, point kp of group g) and every channel c of
-    # the group, with gc = grad_cols[c·K + kp, r]:
+    # For the samples of this program (pixels r, point kp of group g) and the channels
+    # c of the group in [split·C_SPLIT, (split + 1)·C_SPLIT), with gc = grad_cols[c·K + kp, r]:
     #   grad_x[corner] += gc · m · corner weight          (atomic: corners are shared)
-    #   grad_m        = sum_c gc · bilinear(x[c])         (owned: plain store)
-    #   grad_Δy/Δx    = sum_c gc · m · ∂bilinear/∂y, ∂x   (owned: plain store)
+    #   part[split, 2] = sum_c gc · bilinear(x[c])        (owned: plain store; grad_m)
+    #   part[split, :2] = sum_c gc · m · ∂bilinear/∂y, ∂x (owned: plain store; grad_Δy, Δx)
+    # The host sums ``part`` over the splits in a fixed order.
     gk = tl.program_id(1)
     g = gk // K
     kp = gk % K
@@ -218,7 +223,7 @@ def _col2im_kernel(
     r_ok = r < rows
     n = n0 + r // L
     ll = r % L
-    off_addr, inside, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m = (
+    _, inside, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m = (
         _sample_geometry(
             off_ptr, mask_ptr, n, ll, r_ok, gk, kp, H, W, W_out, L, GK2,
             SH, SW, PH, PW, DH, DW, K_W, HAS_MASK, ACC,
@@ -237,7 +242,8 @@ def _col2im_kernel(
     acc_y = tl.zeros((BLOCK_R,), dtype=ACC)
     acc_x = tl.zeros((BLOCK_R,), dtype=ACC)
     acc_m = tl.zeros((BLOCK_R,), dtype=ACC)
-    for c_start in range(0, C_per_off, BLOCK_C):
+    c_lo = tl.program_id(2) * C_SPLIT
+    for c_start in range(c_lo, c_lo + C_SPLIT, BLOCK_C):
         c = c_start + tl.arange(0, BLOCK_C)
         c_ok = c < C_per_off
         cg = (g * C_per_off + c).to(tl.int64)
@@ -266,12 +272,12 @@ def _col2im_kernel(
         tl.atomic_add(gx_ptr + plane + i01, gcm * (hy * lx)[None, :], mask=cm & ok01)
         tl.atomic_add(gx_ptr + plane + i10, gcm * (ly * hx)[None, :], mask=cm & ok10)
         tl.atomic_add(gx_ptr + plane + i11, gcm * (ly * lx)[None, :], mask=cm & ok11)
-    out_ty = goff_ptr.dtype.element_ty
-    tl.store(goff_ptr + off_addr, tl.where(inside, acc_y, 0.0).to(out_ty), mask=r_ok)
-    tl.store(goff_ptr + off_addr + L, tl.where(inside, acc_x, 0.0).to(out_ty), mask=r_ok)
+    gk_total = GK2 // 2
+    part = part_ptr + (tl.program_id(2).to(tl.int64) * 3 * gk_total + gk) * rows + r
+    tl.store(part, tl.where(inside, acc_y, 0.0), mask=r_ok)
+    tl.store(part + gk_total * rows, tl.where(inside, acc_x, 0.0), mask=r_ok)
     if HAS_MASK:
-        m_addr = (n * (GK2 // 2) + gk) * L + ll
-        tl.store(gmask_ptr + m_addr, acc_m.to(gmask_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(part + 2 * gk_total * rows, acc_m, mask=r_ok)
 
 
 class _Geometry:
@@ -298,9 +304,9 @@ class _Geometry:
         self.acc = tl.float64 if input.dtype == torch.float64 else tl.float32
         self.acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         # The interpreter runs programs one by one: fewer, larger ones are faster there.
-        interpreted = input.device.type == "cpu"
-        self.block_r = 256 if interpreted else 128
-        cap = 64 if interpreted else 16
+        self.interpreted = input.device.type == "cpu"
+        self.block_r = 256 if self.interpreted else 128
+        cap = 64 if self.interpreted else 16
         self.block_c = min(cap, triton.next_power_of_2(self.c_per_off))
 
     def chunk(self, element_size: int, buffers: int) -> int:
@@ -314,15 +320,32 @@ class _Geometry:
             2 * self.n_off * self.k, *self.stride, *self.padding, *self.dilation,
         )  # fmt: skip
 
-    def meta(self, has_mask: bool) -> dict[str, object]:
+    def meta(self, has_mask: bool, block_c: int) -> dict[str, object]:
         return {
             "K": self.k,
             "K_W": self.k_w,
             "HAS_MASK": has_mask,
             "ACC": self.acc,
             "BLOCK_R": self.block_r,
-            "BLOCK_C": self.block_c,
+            "BLOCK_C": block_c,
         }
+
+    def col2im_split(self, rows: int) -> tuple[int, int, int]:
+        """``(block_c, channels per program, programs per sample)`` for ``col2im``.
+
+        A sample's channels are split over several programs when there are too few
+        samples to fill the GPU (small maps); the interpreter splits in two, so that the
+        tests run the split path.
+        """
+        if self.interpreted:
+            block_c = max(1, triton.next_power_of_2(self.c_per_off) // 2)
+            return block_c, block_c, triton.cdiv(self.c_per_off, block_c)
+        block_c = self.block_c
+        blocks = triton.cdiv(self.c_per_off, block_c)
+        programs = triton.cdiv(rows, self.block_r) * self.n_off * self.k
+        split = max(1, min(blocks, triton.cdiv(_COL2IM_PROGRAMS, programs)))
+        per_program = triton.cdiv(blocks, split) * block_c
+        return block_c, per_program, triton.cdiv(self.c_per_off, per_program)
 
 
 def _im2col(
@@ -342,9 +365,49 @@ def _im2col(
         offset if mask is None else mask,  # never read without HAS_MASK
         cols,
         *geo.kernel_args(n0, rows),
-        **geo.meta(mask is not None),
+        **geo.meta(mask is not None, geo.block_c),
     )
     return cols.view(geo.groups, geo.c_per_group * geo.k, rows)
+
+
+def _col2im(
+    geo: _Geometry,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    grad_cols: Tensor,
+    n0: int,
+    images: int,
+    grad_input: Tensor,
+    grad_offset: Tensor,
+    grad_mask: Tensor | None,
+) -> None:
+    """Add images ``n0 .. n0 + images``' share to ``grad_input``; fill their offset/mask grads."""
+    rows = images * geo.length
+    gk_total = geo.n_off * geo.k
+    block_c, per_program, split = geo.col2im_split(rows)
+    part = torch.empty(split, 3, gk_total, rows, dtype=geo.acc_dtype, device=input.device)
+    grid = (triton.cdiv(rows, geo.block_r), gk_total, split)
+    _col2im_kernel[grid](
+        input,
+        offset,
+        offset if mask is None else mask,  # never read without HAS_MASK
+        grad_cols,
+        grad_input,
+        part,
+        *geo.kernel_args(n0, rows),
+        per_program,
+        **geo.meta(mask is not None, block_c),
+    )
+    sums = part.sum(0).view(3, gk_total, images, geo.length)  # fixed order: deterministic
+    # Offset channel 2·gk is Δy, 2·gk + 1 is Δx: (B, G·K, 2, L).
+    grad_offset[n0 : n0 + images].view(images, gk_total, 2, geo.length).copy_(
+        sums[:2].permute(2, 1, 0, 3)
+    )
+    if grad_mask is not None:
+        grad_mask[n0 : n0 + images].view(images, gk_total, geo.length).copy_(
+            sums[2].transpose(0, 1)
+        )
 
 
 def forward(
@@ -447,18 +510,8 @@ def backward(
             grad_weight += torch.matmul(go, cols.transpose(1, 2)).view(weight.shape)
             del cols
             grad_cols = torch.matmul(w_t, go)  # (groups, C_in/groups·K, B·L)
-            grid = (triton.cdiv(rows, geo.block_r), geo.n_off * geo.k)
-            _col2im_kernel[grid](
-                input,
-                offset,
-                offset if mask is None else mask,
-                grad_cols,
-                grad_input,
-                grad_offset,
-                grad_offset if grad_mask is None else grad_mask,  # never written without mask
-                *geo.kernel_args(n0, rows),
-                **geo.meta(mask is not None),
-            )
+            _col2im(geo, input, offset, mask, grad_cols, n0, images, grad_input, grad_offset,
+                    grad_mask)  # fmt: skip
     return (
         grad_input.to(dtype),
         grad_offset,

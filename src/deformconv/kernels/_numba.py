@@ -15,7 +15,7 @@ Backward, per chunk: ``_im2col`` again (columns are recomputed, not stored),
 ``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs), then
 ``_col2im`` scatters ``grad_columns`` into a channels-last ``grad_input`` and computes the
 offset and mask gradients in the same pass. ``_col2im`` runs in parallel over tasks
-(image, offset group, block of ``CHANNEL_BLOCK`` channels): a task owns a disjoint slice
+(image, offset group, block of at most ``CHANNEL_BLOCK`` channels): a task owns a disjoint slice
 of ``grad_input`` and its own partial offset/mask gradient, and the partials are summed
 afterwards in a fixed order. No two threads write the same memory and the task split does
 not depend on the thread count, so the results are bitwise reproducible.
@@ -48,11 +48,17 @@ __all__ = ["CHANNEL_BLOCK", "WORKSPACE_BYTES", "backward", "forward"]
 #: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
 #: columns plus the grad columns). Peak extra memory is about this cap plus the output (or
 #: the gradients) and one channels-last copy of the input.
-WORKSPACE_BYTES = 64 * 2**20
+WORKSPACE_BYTES = 256 * 2**20
 
 #: Channels per ``_col2im`` task (per offset group). A fixed number, independent of the
 #: thread count, so that the order of every floating-point sum is fixed.
 CHANNEL_BLOCK = 64
+
+#: ``_col2im`` splits channels into smaller blocks (down to 32) until a chunk has at least
+#: this many tasks, so that few large images still keep the cores busy. Shapes alone set
+#: the split (never the thread count), so results do not depend on the thread count.
+_MIN_TASKS = 2
+_MIN_BLOCK = 32
 
 _JIT = {"parallel": True, "cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 
@@ -136,20 +142,66 @@ def _im2col(
                     c += np.int64(cnt)
 
 
+@numba.njit(inline="always")
+def _dot(a, ra, ca, b, rb, cb, cnt):  # pragma: no cover
+    """sum_j a[ra, ca + j] · b[rb, cb + j] for j < cnt, in a fixed order.
+
+    Eight interleaved partial sums (so the loop vectorises without fastmath), combined in
+    a fixed tree.
+    """
+    zero = a.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    eight = np.uint64(8)
+    full = cnt // eight * eight
+    for j0 in range(np.uint64(0), full, eight):
+        s0 += a[ra, ca + j0] * b[rb, cb + j0]
+        s1 += a[ra, ca + j0 + np.uint64(1)] * b[rb, cb + j0 + np.uint64(1)]
+        s2 += a[ra, ca + j0 + np.uint64(2)] * b[rb, cb + j0 + np.uint64(2)]
+        s3 += a[ra, ca + j0 + np.uint64(3)] * b[rb, cb + j0 + np.uint64(3)]
+        s4 += a[ra, ca + j0 + np.uint64(4)] * b[rb, cb + j0 + np.uint64(4)]
+        s5 += a[ra, ca + j0 + np.uint64(5)] * b[rb, cb + j0 + np.uint64(5)]
+        s6 += a[ra, ca + j0 + np.uint64(6)] * b[rb, cb + j0 + np.uint64(6)]
+        s7 += a[ra, ca + j0 + np.uint64(7)] * b[rb, cb + j0 + np.uint64(7)]
+    for j in range(full, cnt):
+        s0 += a[ra, ca + j] * b[rb, cb + j]
+    return ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
+
+
+@numba.njit(inline="always")
+def _axpy(a, ra, ca, y, ry, cy, cnt, alpha):  # pragma: no cover
+    """y[ry, cy + j] += alpha · a[ra, ca + j] for j < cnt."""
+    for j in range(cnt):
+        y[ry, cy + j] += alpha * a[ra, ca + j]
+
+
 @numba.njit(**_JIT)
 def _col2im(
-    x, height, width, off, mask, has_mask, base_y, base_x, gcols, row0, c_pg, gx, g_off, g_mask
+    x,
+    height,
+    width,
+    off,
+    mask,
+    has_mask,
+    base_y,
+    base_x,
+    gcols,
+    row0,
+    c_pg,
+    gx,
+    g_off,
+    g_mask,
+    block,
 ):  # pragma: no cover
     # x, gx: (N·H·W, C_in) channels-last input and grad_input (accumulated into).
     # gcols: (R, groups·K·C_pg) grad columns of the global rows row0 .. row0 + R (layout of
     # _im2col). g_off: (B_c, N, G, K, 2, L) and g_mask: (B_c, N, G, K, L): one partial per
-    # channel block (B_c = ceil(C_per / CHANNEL_BLOCK)), written for every row of the chunk.
+    # channel block of ``block`` channels (B_c = ceil(C_per / block)), written for every row
+    # of the chunk.
     # Task (image, offset group, channel block) owns gx[image's pixels, block's channels]
     # and g_off[block, image, group]: no two tasks write the same element.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
     n_blocks = g_off.shape[0]
-    block = (c_per + n_blocks - 1) // n_blocks
     rows = gcols.shape[0]
     b_first = row0 // length
     b_last = (row0 + rows - 1) // length
@@ -187,32 +239,31 @@ def _col2im(
                 i01 = np.uint64(pix + ry0 * width + rx1)
                 i10 = np.uint64(pix + ry1 * width + rx0)
                 i11 = np.uint64(pix + ry1 * width + rx1)
-                acc_y = zero
-                acc_x = zero
-                acc_m = zero
+                # d_q = sum_c gc · x_q over this task's channels; then the offset and mask
+                # gradients follow from the four dot products.
+                d00 = d01 = d10 = d11 = zero
                 c = c_lo
                 while c < c_hi:  # runs of channels inside one weight group
                     wg = c // c_pg
                     cnt = np.uint64(min(c_hi, (wg + 1) * c_pg) - c)
                     col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
                     cu = np.uint64(c)
-                    for j in range(cnt):
-                        cc = cu + j
-                        gc = gcols[r, col + j]
-                        a00 = x[i00, cc] * v00
-                        a01 = x[i01, cc] * v01
-                        a10 = x[i10, cc] * v10
-                        a11 = x[i11, cc] * v11
-                        acc_m += gc * (
-                            hy * hx * a00 + hy * lx * a01 + ly * hx * a10 + ly * lx * a11
-                        )
-                        acc_y += gc * (hx * (a10 - a00) + lx * (a11 - a01))
-                        acc_x += gc * (hy * (a01 - a00) + ly * (a11 - a10))
-                        gx[i00, cc] += gc * w00
-                        gx[i01, cc] += gc * w01
-                        gx[i10, cc] += gc * w10
-                        gx[i11, cc] += gc * w11
+                    d00 += _dot(gcols, r, col, x, i00, cu, cnt)
+                    d01 += _dot(gcols, r, col, x, i01, cu, cnt)
+                    d10 += _dot(gcols, r, col, x, i10, cu, cnt)
+                    d11 += _dot(gcols, r, col, x, i11, cu, cnt)
+                    _axpy(gcols, r, col, gx, i00, cu, cnt, w00)
+                    _axpy(gcols, r, col, gx, i01, cu, cnt, w01)
+                    _axpy(gcols, r, col, gx, i10, cu, cnt, w10)
+                    _axpy(gcols, r, col, gx, i11, cu, cnt, w11)
                     c += np.int64(cnt)
+                d00 *= v00
+                d01 *= v01
+                d10 *= v10
+                d11 *= v11
+                acc_m = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+                acc_y = hx * (d10 - d00) + lx * (d11 - d01)
+                acc_x = hy * (d01 - d00) + ly * (d11 - d10)
                 g_off[blk, b, g, k, 0, p_l] = acc_y * m
                 g_off[blk, b, g, k, 1, p_l] = acc_x * m
                 g_mask[blk, b, g, k, p_l] = acc_m
@@ -242,6 +293,14 @@ def _chunks(n: int, length: int, bytes_per_row: int) -> list[tuple[int, int]]:
         for b in range(n)
         for l0 in range(0, length, rows)
     ]
+
+
+def _channel_block(c_per: int, tasks_per_block: int) -> int:
+    """Channels per ``_col2im`` task: CHANNEL_BLOCK, smaller when there are few tasks."""
+    block = min(c_per, CHANNEL_BLOCK)
+    while block > _MIN_BLOCK and tasks_per_block * -(-c_per // block) < _MIN_TASKS:
+        block = max(_MIN_BLOCK, (block // 2 + 7) // 8 * 8)
+    return max(1, block)
 
 
 _cache = threading.local()
@@ -340,12 +399,14 @@ class _Problem:
         """Fill ``cols`` (R, groups·K·C_pg) for the global rows r0 .. r0 + R."""
         _im2col(*self._common(), cols.numpy(), r0, self.c_pg)
 
-    def col2im(self, gcols: Tensor, r0: int, gx: Tensor, g_off: Tensor, g_mask: Tensor) -> None:
+    def col2im(
+        self, gcols: Tensor, r0: int, gx: Tensor, g_off: Tensor, g_mask: Tensor, block: int
+    ) -> None:
         """Scatter ``gcols`` into ``gx`` and write the offset / mask gradient partials."""
         gx2 = gx.reshape(-1, self.c_in)
         _col2im(
             *self._common(), gcols.numpy(), r0, self.c_pg, gx2.numpy(), g_off.numpy(),
-            g_mask.numpy(),
+            g_mask.numpy(), block,
         )  # fmt: skip
 
     def group_columns(self, cols: Tensor, g: int) -> Tensor:
@@ -428,12 +489,14 @@ def backward(
     g_rows = grad_output.detach().to(p.dtype).reshape(p.n, p.groups, cog, p.length)
     g_rows = g_rows.permute(1, 0, 3, 2).contiguous().reshape(p.groups, total, cog)
     c_per = p.c_in // p.n_off
-    n_blocks = max(1, -(-c_per // CHANNEL_BLOCK))
+    chunks = _chunks(p.n, p.length, 2 * p.row_width * p.x.element_size())
+    images = -(-(chunks[0][1] - chunks[0][0]) // p.length) if chunks else 1  # per chunk
+    block = _channel_block(c_per, images * p.n_off)
+    n_blocks = max(1, -(-c_per // block))
     gx = torch.zeros_like(p.x)
     gw_mat = torch.zeros_like(p.w_mat)
     g_off = p.x.new_empty(n_blocks, *p.off.shape)
     g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length)
-    chunks = _chunks(p.n, p.length, 2 * p.row_width * p.x.element_size())
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     cols, gcols = _workspace(rows, p.row_width, 2, p.dtype)
     for r0, r1 in chunks:
@@ -445,7 +508,7 @@ def backward(
                 torch.mm(g_rows[g, r0:r1], p.w_mat[g].t(), out=gchunk)
             else:
                 p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g].t())
-        p.col2im(gchunk, r0, gx, g_off, g_mask)
+        p.col2im(gchunk, r0, gx, g_off, g_mask, block)
     # Partials summed in a fixed order: bitwise reproducible.
     grad_off, grad_m = g_off[0], g_mask[0]
     for i in range(1, n_blocks):

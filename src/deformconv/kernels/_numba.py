@@ -523,5 +523,6 @@ def backward(
     grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
     grad_bias = None
     if bias is not None:
-        grad_bias = grad_output.to(p.dtype).sum((0, 2, 3)).to(bias.dtype)
+        # Summed from the contiguous rows: the same order whatever grad_output's strides.
+        grad_bias = g_rows.sum(1).reshape(p.c_out).to(bias.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

@@ -1,0 +1,247 @@
+"""The Numba CPU backend against the pure-PyTorch reference (an independent oracle).
+
+Every comparison runs the public op twice, once per backend: forward and all five
+gradients (input, offset, mask, weight, bias) must agree to 1e-5 (float32) or 1e-10
+(float64) relative to the largest reference value. The reference itself is checked
+against naive loops and torchvision in the core tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deformconv
+from _cases import CONFIGS, Config, call_kwargs, make_problem
+
+pytest.importorskip("numba")
+_numba = pytest.importorskip("deformconv.kernels._numba")
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _run(backend, x, offset, weight, bias, mask, kwargs, grad_output=None):
+    """Output and gradients (None where an argument is None) on ``backend``."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, offset, mask, weight, bias)]  # fmt: skip
+    xi, oi, mi, wi, bi = leaves
+    with deformconv.use_backend(backend):
+        out = deformconv.deform_conv2d(xi, oi, wi, bi, mask=mi, **kwargs)
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))  # fmt: skip
+    used = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, used, grad_output))
+    return out.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def _assert_rel_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, what
+    assert actual.dtype == expected.dtype, what
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g}, scale {scale:.3g}"
+
+
+def _compare(x, offset, weight, bias, mask, kwargs, dtype):
+    out, grads = _run("numba", x, offset, weight, bias, mask, kwargs)
+    ref_out, ref_grads = _run("reference", x, offset, weight, bias, mask, kwargs)
+    _assert_rel_close(out, ref_out, TOL[dtype], "output")
+    names = ("input", "offset", "mask", "weight", "bias")
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
+        assert (g is None) == (rg is None), name
+        if g is not None:
+            _assert_rel_close(g, rg, TOL[dtype], f"grad_{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_reference(name, dtype):
+    cfg = CONFIGS[name]
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=dtype)
+    _compare(x, offset, weight, bias, mask, call_kwargs(cfg), dtype)
+
+
+EXTRA = {
+    "batch_0": Config(batch=0),
+    "batch_5_modulated": Config(batch=5, mask=True, size=(6, 9)),
+    "wide_channels": Config(in_channels=80, out_channels=3, offset_groups=1, size=(5, 4)),
+    "many_channels_groups": Config(
+        in_channels=96, out_channels=8, groups=4, offset_groups=3, mask=True
+    ),  # fmt: skip
+    "kernel_3x1_stride_3": Config(kernel=(3, 1), stride=(3, 2), padding=(1, 0), size=(10, 7)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(EXTRA))
+def test_matches_reference_extra_shapes(name, dtype):
+    # Channel counts above CHANNEL_BLOCK (several col2im blocks), an odd batch of 5, batch 0.
+    cfg = EXTRA[name]
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=dtype)
+    _compare(x, offset, weight, bias, mask, call_kwargs(cfg), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["integer", "half_integer", "borders", "off_map"])
+def test_special_positions(kind, dtype):
+    # Positions exactly on integers, on the -1 / H borders and beyond them, where the
+    # boundary rule and the floor-based one-sided derivative decide the result.
+    cfg = Config(batch=2, in_channels=4, out_channels=3, size=(5, 6), mask=True)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    if kind == "integer":
+        offset = torch.randint(-4, 5, offset.shape, generator=g).to(dtype)
+    elif kind == "half_integer":
+        offset = torch.randint(-9, 10, offset.shape, generator=g).to(dtype) / 2
+    elif kind == "borders":
+        # Offsets that land kernel point (0, 0) of every output pixel on -1, H, W or H-1.
+        h_out, w_out = cfg.out_size
+        ho = torch.arange(h_out, dtype=dtype)[:, None]
+        wo = torch.arange(w_out, dtype=dtype)[None, :]
+        base_y, base_x = ho - 1, wo - 1  # padding 1, kernel point (0, 0)
+        targets_y = torch.tensor([-1.0, 5.0, 4.0, -1.0], dtype=dtype)
+        targets_x = torch.tensor([-1.0, 6.0, 5.0, 2.5], dtype=dtype)
+        pick = torch.randint(0, 4, (cfg.batch, h_out, w_out), generator=g)
+        offset[:, 0] = targets_y[pick] - base_y
+        offset[:, 1] = targets_x[pick] - base_x
+    else:
+        offset = offset * 10 + torch.sign(offset) * 6
+    _compare(x, offset, weight, bias, mask, call_kwargs(cfg), dtype)
+
+
+def test_non_contiguous_arguments_direct_kernel():
+    # The kernel is also correct when called directly on strided views.
+    cfg = Config(batch=2, in_channels=6, out_channels=4, groups=2, offset_groups=3, mask=True)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64)
+    x_nc = x.transpose(2, 3).contiguous().transpose(2, 3)
+    off_nc = torch.cat([offset, offset], 1)[:, ::2]
+    off_nc.copy_(offset)
+    mask_nc = mask.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    w_nc = weight.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    assert not any(t.is_contiguous() for t in (x_nc, off_nc, mask_nc, w_nc))
+    geo = (cfg.stride, cfg.padding, cfg.dilation)
+    out = _numba.forward(x_nc, off_nc, mask_nc, w_nc, bias, *geo)
+    expected = _numba.forward(x, offset, mask, weight, bias, *geo)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    go = torch.randn_like(out).transpose(2, 3).contiguous().transpose(2, 3)
+    grads = _numba.backward(go, x_nc, off_nc, mask_nc, w_nc, bias, *geo)
+    expected_grads = _numba.backward(go.contiguous(), x, offset, mask, weight, bias, *geo)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workspace_rows", [1, 7, 40, 90])
+def test_chunked_workspace_gives_the_same_result(monkeypatch, workspace_rows):
+    # A workspace cap of a few rows forces many chunks, including slices of one image
+    # (L = 42 rows per image here) and chunks of several whole images.
+    cfg = Config(batch=3, in_channels=8, out_channels=6, size=(7, 6), groups=2, offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64)
+    kwargs = call_kwargs(cfg)
+    row_bytes = cfg.in_channels * 9 * 8
+    full_out, full_grads = _run("numba", x, offset, weight, bias, mask, kwargs)
+    monkeypatch.setattr(_numba, "WORKSPACE_BYTES", workspace_rows * 2 * row_bytes)
+    assert len(_numba._chunks(cfg.batch, 42, 2 * row_bytes)) > 1
+    out, grads = _run("numba", x, offset, weight, bias, mask, kwargs)
+    _assert_rel_close(out, full_out, 1e-12, "output")
+    for g, e in zip(grads, full_grads, strict=True):
+        _assert_rel_close(g, e, 1e-12, "gradient")
+    _compare(x, offset, weight, bias, mask, kwargs, torch.float64)
+
+
+def test_chunks_cover_every_row_once():
+    for n, length, row_bytes, cap in [(3, 42, 100, 350), (3, 42, 100, 10**6), (5, 7, 8, 200)]:
+        old, _numba.WORKSPACE_BYTES = _numba.WORKSPACE_BYTES, cap
+        try:
+            chunks = _numba._chunks(n, length, row_bytes)
+        finally:
+            _numba.WORKSPACE_BYTES = old
+        rows = [r for r0, r1 in chunks for r in range(r0, r1)]
+        assert rows == list(range(n * length))
+        for r0, r1 in chunks:
+            assert (r1 - r0) * row_bytes <= max(cap, row_bytes)
+            # never a partial image joined to another image
+            assert r0 // length == (r1 - 1) // length or (r0 % length == 0 and r1 % length == 0)
+    assert _numba._chunks(0, 42, 100) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fuzz_non_finite_and_huge_offsets(seed):
+    # NaN, ±inf and ±1e30 offsets read 0 and get zero gradient, exactly like the reference;
+    # nothing is read or written out of bounds (a stray read would show as garbage or a
+    # crash, a stray write as a difference from the reference).
+    g = torch.Generator().manual_seed(seed)
+    cfg = Config(batch=2, in_channels=6, out_channels=4, size=(6, 5), offset_groups=3, mask=True)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32, generator=g)
+    offset = offset * 5
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3e9, -3e9])
+    pick = torch.randint(0, len(specials), offset.shape, generator=g)
+    replace = torch.rand(offset.shape, generator=g) < 0.3
+    offset = torch.where(replace, specials[pick], offset)
+    out, grads = _run("numba", x, offset, weight, bias, mask, call_kwargs(cfg))
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t).all() for t in grads if t is not None)
+    _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
+
+
+def test_bitwise_deterministic():
+    cfg = Config(batch=3, in_channels=96, out_channels=8, size=(9, 7), offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
+    go = torch.randn(3, 8, *cfg.out_size)
+    first = _run("numba", x, offset, weight, bias, mask, call_kwargs(cfg), go)
+    second = _run("numba", x, offset, weight, bias, mask, call_kwargs(cfg), go)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accepted(dtype):
+    cfg = Config(mask=True)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=dtype, offset_scale=1.0)
+    out, grads = _run("numba", x, offset, weight, bias, mask, call_kwargs(cfg))
+    assert out.dtype == dtype
+    assert all(g.dtype == dtype for g in grads if g is not None)
+    # Computed in float32 inside: equals the float32 computation rounded to ``dtype``.
+    as32 = [None if t is None else t.float() for t in (x, offset, weight, bias, mask)]
+    out32, _ = _run("numba", *as32, call_kwargs(cfg))
+    torch.testing.assert_close(out, out32.to(dtype), rtol=0, atol=0)
+
+
+def test_direct_kernel_dtypes_and_shapes():
+    cfg = Config(mask=True, groups=2, offset_groups=2)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64)
+    geo = (cfg.stride, cfg.padding, cfg.dilation)
+    out = _numba.forward(x, offset, mask, weight, bias, *geo)
+    assert out.dtype == torch.float64 and out.is_contiguous()
+    grads = _numba.backward(torch.ones_like(out), x, offset, mask, weight, bias, *geo)
+    for g, t in zip(grads, (x, offset, mask, weight, bias), strict=True):
+        assert g.shape == t.shape and g.dtype == t.dtype and g.is_contiguous()
+    grads = _numba.backward(torch.ones_like(out), x, offset, None, weight, None, *geo)
+    assert grads[2] is None and grads[4] is None
+
+
+def test_auto_picks_numba_on_cpu():
+    assert deformconv.available_backends("cpu")[0] == "numba"
+
+
+def test_opcheck_numba():
+    from deformconv.ops._library import deform_conv2d_op
+
+    cfg = CONFIGS["everything"]
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32, offset_scale=1.0)
+    args = [t.requires_grad_() for t in (x, offset, mask, weight, bias)]
+    geo = [list(cfg.stride), list(cfg.padding), list(cfg.dilation)]
+    torch.library.opcheck(deform_conv2d_op, (*args, *geo, "numba"))
+
+
+def test_gradcheck_through_custom_op():
+    cfg = Config(batch=1, in_channels=4, out_channels=2, size=(4, 5), groups=2, offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64, offset_scale=0.7)
+    # Keep sampling positions away from integers, where bilinear interpolation has kinks.
+    offset = offset + 0.123
+    tensors = [t.requires_grad_() for t in (x, offset, mask, weight, bias)]
+    geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation))
+
+    def op(x, offset, mask, weight, bias):
+        return torch.ops.deformconv.deform_conv2d(x, offset, mask, weight, bias, *geo, "numba")
+
+    assert torch.autograd.gradcheck(op, tensors, eps=1e-6, atol=1e-7)

@@ -277,14 +277,16 @@ def _set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def _chunks(n: int, length: int, bytes_per_row: int) -> list[tuple[int, int]]:
-    """Global row ranges [r0, r1) of at most ``WORKSPACE_BYTES`` of workspace each.
+def _chunks(
+    n: int, length: int, bytes_per_row: int, cap: int | None = None
+) -> list[tuple[int, int]]:
+    """Global row ranges [r0, r1) of at most ``cap`` (``WORKSPACE_BYTES``) bytes each.
 
     A chunk holds whole images when one image fits, otherwise a slice of one image.
     """
     if n * length == 0:
         return []
-    rows = max(1, WORKSPACE_BYTES // max(1, bytes_per_row))
+    rows = max(1, (WORKSPACE_BYTES if cap is None else cap) // max(1, bytes_per_row))
     if rows >= length:
         step = (rows // length) * length
         return [(r0, min(n * length, r0 + step)) for r0 in range(0, n * length, step)]
@@ -302,6 +304,10 @@ def _channel_block(c_per: int, tasks_per_block: int) -> int:
         block = max(_MIN_BLOCK, (block // 2 + 7) // 8 * 8)
     return max(1, block)
 
+
+#: Forward chunks aim at this size (below the cap) so the columns are still in cache
+#: when the GEMM reads them.
+_FORWARD_CHUNK_BYTES = 16 * 2**20
 
 _cache = threading.local()
 
@@ -436,19 +442,23 @@ def forward(
     total = p.n * p.length
     cog = p.c_out // p.groups
     out_rows = torch.empty(p.groups, total, cog, dtype=p.dtype)
-    chunks = _chunks(p.n, p.length, p.row_width * p.x.element_size())
+    row_bytes = p.row_width * p.x.element_size()
+    chunks = _chunks(p.n, p.length, row_bytes, min(WORKSPACE_BYTES, _FORWARD_CHUNK_BYTES))
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     (cols,) = _workspace(rows, p.row_width, 1, p.dtype)
+    b_rows = bias.to(p.dtype).reshape(p.groups, 1, cog) if bias is not None else None
     for r0, r1 in chunks:
         chunk = cols[: r1 - r0]
         p.im2col(chunk, r0)
         for g in range(p.groups):
-            torch.mm(p.group_columns(chunk, g), p.w_mat[g], out=out_rows[g, r0:r1])
+            a, o = p.group_columns(chunk, g), out_rows[g, r0:r1]
+            if b_rows is None:
+                torch.mm(a, p.w_mat[g], out=o)
+            else:
+                torch.addmm(b_rows[g], a, p.w_mat[g], out=o)
     # (groups, N·L, C_out/groups) -> (N, C_out, H_out, W_out)
     out = out_rows.reshape(p.groups, p.n, p.length, cog).permute(1, 0, 3, 2)
     out = out.reshape(p.n, p.c_out, p.h_out, p.w_out)
-    if bias is not None:
-        out = out + bias.to(p.dtype).reshape(1, p.c_out, 1, 1)
     return out.to(input.dtype).contiguous()
 
 

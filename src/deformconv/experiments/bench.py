@@ -1,0 +1,376 @@
+"""CPU benchmark: deformconv against ``F.conv2d`` (the floor) and torchvision (the peer).
+
+For each layer of the suite (the shapes of ``benchmarks/_shapes.py``; a copy lives here so
+the installed ``deformconv bench`` command needs no checkout) it times, in one process,
+forward and forward+backward of ``F.conv2d``, :func:`deformconv.deform_conv2d` (backend
+``auto``) and ``torchvision.ops.deform_conv2d`` when installed: the median of ``repeat``
+runs after ``warmup`` runs. Offsets are random (std 1 px), so the bilinear gather does
+real work.
+
+Peak memory: for each layer and implementation a fresh subprocess builds the inputs, runs
+one tiny call (so JIT code is loaded), records its peak resident set size
+(``resource.getrusage().ru_maxrss``), runs one forward+backward and reports the growth of
+the peak: the extra memory the call needed, the gradients included. tracemalloc cannot see
+torch's allocations; the RSS high-water mark sees everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LARGE", "SUITE", "Case", "run", "to_markdown"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark layer (a 3x3 deformable convolution with ``padding = kernel // 2``)."""
+
+    name: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: tuple[int, int]
+    stride: int = 1
+    offset_groups: int = 1
+    modulated: bool = False
+    kernel: int = 3
+
+    @property
+    def padding(self) -> int:
+        """Zero padding ``kernel // 2`` (same-size output at stride 1)."""
+        return self.kernel // 2
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(H_out, W_out)."""
+        h, w = ((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in self.size)
+        return h, w
+
+
+# Same shapes as benchmarks/_shapes.py (tests/test_numba_kernels.py checks they agree).
+SUITE: tuple[Case, ...] = (
+    Case("res3 3x3 (ResNet-50)", 8, 128, 128, (28, 28)),
+    Case("res4 3x3 (ResNet-50)", 8, 256, 256, (14, 14)),
+    Case("res5 3x3 (ResNet-50)", 8, 512, 512, (7, 7)),
+    Case("detection B=2 C=64 128x128", 2, 64, 64, (128, 128)),
+    Case("stride 2 (res4 entry)", 8, 256, 256, (28, 28), stride=2),
+    Case("modulated, 4 offset groups", 8, 256, 256, (14, 14), offset_groups=4, modulated=True),
+)
+
+#: The memory check of issue 3: must run on a 24 GiB machine (``--large``).
+LARGE = Case("large B=32 C=256 56x56", 32, 256, 256, (56, 56))
+
+IMPLS = ("conv2d", "deformconv", "torchvision")
+
+
+def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    k = case.kernel * case.kernel
+    h_out, w_out = case.out_size
+    x = torch.randn(case.batch, case.in_channels, *case.size, generator=g)
+    w = torch.randn(case.out_channels, case.in_channels, case.kernel, case.kernel, generator=g)
+    w = w / math.sqrt(case.in_channels * k)
+    b = torch.randn(case.out_channels, generator=g)
+    off = torch.randn(case.batch, 2 * case.offset_groups * k, h_out, w_out, generator=g)
+    mask = None
+    if case.modulated:
+        shape = (case.batch, case.offset_groups * k, h_out, w_out)
+        mask = torch.rand(shape, generator=g)
+    tensors = {"x": x, "w": w, "b": b, "off": off, "mask": mask}
+    if requires_grad:
+        for t in tensors.values():
+            if t is not None:
+                t.requires_grad_()
+    tensors["grad"] = torch.randn(case.batch, case.out_channels, h_out, w_out, generator=g)
+    return tensors
+
+
+def _call(impl: str, case: Case, t: dict[str, Any]) -> torch.Tensor:
+    s, p = case.stride, case.padding
+    if impl == "conv2d":
+        return F.conv2d(t["x"], t["w"], t["b"], stride=s, padding=p)
+    if impl == "deformconv":
+        import deformconv
+
+        return deformconv.deform_conv2d(
+            t["x"], t["off"], t["w"], t["b"], stride=s, padding=p, mask=t["mask"]
+        )
+    from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+    return tv_deform_conv2d(t["x"], t["off"], t["w"], t["b"], stride=s, padding=p, mask=t["mask"])
+
+
+def _step(impl: str, case: Case, t: dict[str, Any], backward: bool) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            _call(impl, case, t)
+
+    def forward_backward() -> None:
+        _call(impl, case, t).backward(t["grad"])
+
+    return forward_backward if backward else forward
+
+
+def _median_ms(fn: Callable[[], None], repeat: int, warmup: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
+
+
+def _peak_memory_mib(impl: str, case: Case, threads: int) -> float | None:
+    """Growth of the peak RSS during one forward+backward, in a fresh subprocess."""
+    code = (
+        "import json, sys; from deformconv.experiments import bench; "
+        "print(json.dumps(bench._measure_peak(*json.loads(sys.argv[1]))))"
+    )
+    arg = json.dumps([impl, asdict(case), threads])
+    done = subprocess.run(
+        [sys.executable, "-c", code, arg], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return None
+    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _measure_peak(impl: str, case_fields: dict[str, Any], threads: int) -> float:
+    """Subprocess side of :func:`_peak_memory_mib`."""
+    torch.set_num_threads(threads)
+    case = Case(**{**case_fields, "size": tuple(case_fields["size"])})
+    tiny = Case("tiny", 1, 4, 4, (6, 6), case.stride, 1, case.modulated)
+    tt = _inputs(tiny, True)
+    _call(impl, tiny, tt).backward(tt["grad"])  # load JIT code, warm up allocators
+    t = _inputs(case, True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _call(impl, case, t).backward(t["grad"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _first_call_seconds(threads: int) -> dict[str, float]:
+    """Seconds of the first deformconv forward+backward in a fresh process.
+
+    Measured with an empty, then a filled Numba cache (a temporary ``NUMBA_CACHE_DIR``).
+    """
+    code = (
+        f"import time, torch, deformconv; torch.set_num_threads({threads}); "
+        "x = torch.randn(2, 8, 9, 9, requires_grad=True); "
+        "o = torch.randn(2, 18, 9, 9, requires_grad=True); "
+        "w = torch.randn(8, 8, 3, 3, requires_grad=True); t = time.perf_counter(); "
+        "deformconv.deform_conv2d(x, o, w, padding=1).sum().backward(); "
+        "print(time.perf_counter() - t)"
+    )
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("cold_cache", "warm_cache"):
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+            )
+            if done.returncode == 0:
+                out[label] = float(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except OSError:
+        return "unknown"
+    commit = done.stdout.strip() or "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "numba"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run(
+    cases: Sequence[Any] = SUITE,
+    threads: int = 2,
+    repeat: int = 7,
+    warmup: int = 2,
+    memory: bool = True,
+    torchvision: bool = True,
+    first_call: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``cases``; returns a JSON-serialisable result (see :func:`to_markdown`).
+
+    Args:
+        cases: objects with the fields of :class:`Case`.
+        threads: ``torch.set_num_threads`` for the whole run (and the subprocesses).
+        repeat: timed runs per measurement (the median is reported; >= 5 recommended).
+        warmup: untimed runs first.
+        memory: measure peak memory per layer and implementation in subprocesses.
+        torchvision: include ``torchvision.ops.deform_conv2d`` when installed.
+        first_call: measure the first-call (JIT) cost with a cold and a warm Numba cache.
+        progress: called with a line of text as each measurement completes.
+    """
+    import deformconv
+
+    torch.set_num_threads(threads)
+    say = progress or (lambda line: None)
+    impls = ["conv2d", "deformconv"]
+    if torchvision:
+        try:
+            import torchvision.ops  # noqa: F401
+
+            impls.append("torchvision")
+        except ImportError:
+            pass
+    result: dict[str, Any] = {
+        "machine": _machine(),
+        "threads": threads,
+        "versions": _versions(),
+        "commit": _git_commit(),
+        "backend": deformconv.available_backends("cpu")[0],
+        "repeat": repeat,
+        "warmup": warmup,
+        "load_before": os.getloadavg(),
+        "cases": [],
+    }
+    if first_call:
+        result["first_call_s"] = _first_call_seconds(threads)
+        say(f"first call: {result['first_call_s']}")
+    for case in cases:
+        case = Case(**{f: getattr(case, f) for f in Case.__dataclass_fields__})
+        row: dict[str, Any] = {"case": asdict(case), "ms": {}, "runs_ms": {}, "peak_mib": {}}
+        for impl in impls:
+            for label, backward in (("fwd", False), ("fwd+bwd", True)):
+                t = _inputs(case, requires_grad=backward)
+                med, runs = _median_ms(_step(impl, case, t, backward), repeat, warmup)
+                row["ms"][f"{impl} {label}"] = med
+                row["runs_ms"][f"{impl} {label}"] = runs
+                say(f"{case.name}: {impl} {label} {med:.1f} ms")
+            if memory:
+                row["peak_mib"][impl] = _peak_memory_mib(impl, case, threads)
+        result["cases"].append(row)
+    result["load_after"] = os.getloadavg()
+    result["geomean"] = _geomeans(result["cases"], impls)
+    return result
+
+
+def _ratios(ms: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for label in ("fwd", "fwd+bwd"):
+        out[f"deformconv/conv2d {label}"] = ms[f"deformconv {label}"] / ms[f"conv2d {label}"]
+        if f"torchvision {label}" in ms:
+            out[f"torchvision/deformconv {label}"] = (
+                ms[f"torchvision {label}"] / ms[f"deformconv {label}"]
+            )
+    return out
+
+
+def _geomeans(rows: list[dict[str, Any]], impls: Sequence[str]) -> dict[str, float]:
+    ratios = [_ratios(r["ms"]) for r in rows]
+    if not ratios:
+        return {}
+    return {key: math.exp(statistics.fmean(math.log(r[key]) for r in ratios)) for key in ratios[0]}
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The result as a Markdown header and table (times in ms, medians)."""
+    v = result["versions"]
+    lines = [
+        f"Machine: {result['machine']}; {result['threads']} threads; load average "
+        f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after.  ",
+        f"torch {v['torch']}, torchvision {v['torchvision']}, numba {v['numba']}, "
+        f"python {v['python']}; deformconv commit {result['commit']}, "
+        f"backend `{result['backend']}`.  ",
+        f"Median of {result['repeat']} runs after {result['warmup']} warm-up runs; "
+        "ratios > 1 mean the first is slower.",
+    ]
+    if result.get("first_call_s"):
+        fc = result["first_call_s"]
+        parts = [f"{k.replace('_', ' ')} {s:.1f} s" for k, s in fc.items()]
+        lines.append(f"  \nFirst forward+backward call in a fresh process: {', '.join(parts)}.")
+    has_tv = any("torchvision fwd" in r["ms"] for r in result["cases"])
+    head = ["layer (N, C_in→C_out, H×W)"]
+    for label in ("fwd", "fwd+bwd"):
+        head += [f"conv2d {label}", f"deformconv {label}"]
+        head += [f"torchvision {label}"] if has_tv else []
+        head += [f"deformconv / conv2d {label}"]
+        head += [f"torchvision / deformconv {label}"] if has_tv else []
+    has_mem = any(r["peak_mib"] for r in result["cases"])
+    if has_mem:
+        head.append(
+            "peak MiB fwd+bwd (conv2d / deformconv" + (" / torchvision)" if has_tv else ")")
+        )
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["cases"]:
+        c, ms, ratio = r["case"], r["ms"], _ratios(r["ms"])
+        cells = [
+            f"{c['name']} ({c['batch']}, {c['in_channels']}→{c['out_channels']}, "
+            f"{c['size'][0]}×{c['size'][1]})"
+        ]
+        for label in ("fwd", "fwd+bwd"):
+            cells += [f"{ms[f'conv2d {label}']:.1f}", f"{ms[f'deformconv {label}']:.1f}"]
+            cells += [f"{ms[f'torchvision {label}']:.1f}"] if has_tv else []
+            cells += [f"{ratio[f'deformconv/conv2d {label}']:.2f}x"]
+            cells += [f"{ratio[f'torchvision/deformconv {label}']:.1f}x"] if has_tv else []
+        if has_mem:
+            mem = [r["peak_mib"].get(i) for i in IMPLS if i in r["peak_mib"]]
+            cells.append(" / ".join("?" if m is None else f"{m:.0f}" for m in mem))
+        lines.append("| " + " | ".join(cells) + " |")
+    gm = result["geomean"]
+    if gm:
+        cells = ["**geometric mean**"]
+        for label in ("fwd", "fwd+bwd"):
+            cells += ["", ""] + ([""] if has_tv else [])
+            cells += [f"**{gm[f'deformconv/conv2d {label}']:.2f}x**"]
+            cells += [f"**{gm[f'torchvision/deformconv {label}']:.1f}x**"] if has_tv else []
+        cells += [""] if has_mem else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -8,16 +8,26 @@ Example:
 """
 
 from deformconv.models import deformify
-from deformconv.nn import DeformConv2d
-from deformconv.ops import available_backends, deform_conv2d, get_backend, use_backend
+from deformconv.nn import DeformConv2d, DeformRoIPool2d
+from deformconv.ops import (
+    available_backends,
+    deform_conv2d,
+    deform_ps_roi_pool,
+    deform_roi_pool,
+    get_backend,
+    use_backend,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeformConv2d",
+    "DeformRoIPool2d",
     "__version__",
     "available_backends",
     "deform_conv2d",
+    "deform_ps_roi_pool",
+    "deform_roi_pool",
     "deformify",
     "get_backend",
     "use_backend",

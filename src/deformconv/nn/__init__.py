@@ -1,5 +1,6 @@
 """Modules: own parameters and call the ops; no math of their own."""
 
 from deformconv.nn.deform_conv import DeformConv2d
+from deformconv.nn.roi_pool import DeformRoIPool2d
 
-__all__ = ["DeformConv2d"]
+__all__ = ["DeformConv2d", "DeformRoIPool2d"]

@@ -276,8 +276,11 @@ def deform_roi_pool(
     plane = torch.arange(planes, device=dev).reshape(1, out_h, out_w) if planes > 1 else 0
     base = (batch[:, None, None] * planes + plane) * height  # (K, out_h|1, out_w|1)
 
+    # Zero rows still connected to ``table`` (a sum over no rows), so the output keeps a
+    # gradient path even when no RoI samples anything.
+    nothing = table.narrow(0, 0, 0).sum(0, keepdim=True)
     if k == 0:
-        out = table.new_zeros(0, c_out)
+        out = nothing.expand(0, c_out)
     else:
         # Sort the RoIs by grid size: each group is then a contiguous slice, pooled
         # without padding, and one gather at the end restores the RoI order.
@@ -294,7 +297,7 @@ def deform_roi_pool(
             s = slice(lo, lo + count)
             lo += count
             if g_h == 0 or g_w == 0:
-                pieces.append(table.new_zeros(count * bins, c_out))  # empty grid: reads 0
+                pieces.append(nothing.expand(count * bins, c_out))  # empty grid: reads 0
                 continue
             y0, x0, bh, bw, sy, sx, b = (t[s] for t in sorted_)
             groups.append(_bins((y0, x0), (bh, bw), (sy, sx), b, (g_h, g_w), (height, width)))

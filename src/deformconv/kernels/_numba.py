@@ -36,6 +36,7 @@ below the tensor's element count, which fits in int64 for any tensor that fits i
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numba
@@ -327,6 +328,7 @@ def _workspace(rows: int, width: int, count: int, dtype: torch.dtype) -> list[Te
     return list(block[:numel].view(count, rows, width).unbind(0))
 
 
+@functools.lru_cache(maxsize=64)
 def _base_grid(
     k_h: int,
     k_w: int,
@@ -340,6 +342,7 @@ def _base_grid(
     """(K, L) rows and columns sampled without offsets.
 
     Computed in ``dtype`` as the reference does, so positions (and floors) match it.
+    Cached per geometry (small: 2·K·L elements); the kernels only read them.
     """
     ky = (torch.arange(k_h, dtype=dtype) * dilation[0]).repeat_interleave(k_w)
     kx = (torch.arange(k_w, dtype=dtype) * dilation[1]).repeat(k_h)

@@ -4,8 +4,9 @@ For each layer of the suite (the shapes of ``benchmarks/_shapes.py``; a copy liv
 the installed ``deformconv bench`` command needs no checkout) it times, in one process,
 forward and forward+backward of ``F.conv2d``, :func:`deformconv.deform_conv2d` (backend
 ``auto``) and ``torchvision.ops.deform_conv2d`` when installed: the median of ``repeat``
-runs after ``warmup`` runs. Offsets are random (std 1 px), so the bilinear gather does
-real work.
+runs after ``warmup`` runs, the implementations taking turns in each round so that load
+from other processes hits them alike. Offsets are random (std 1 px), so the bilinear
+gather does real work.
 
 Peak memory: for each layer and implementation a fresh subprocess builds the inputs, runs
 one tiny call (so JIT code is loaded), records its peak resident set size
@@ -127,15 +128,24 @@ def _step(impl: str, case: Case, t: dict[str, Any], backward: bool) -> Callable[
     return forward_backward if backward else forward
 
 
-def _median_ms(fn: Callable[[], None], repeat: int, warmup: int) -> tuple[float, list[float]]:
+def _interleaved_ms(
+    steps: dict[str, Callable[[], None]], repeat: int, warmup: int
+) -> dict[str, list[float]]:
+    """Run times in ms of each step, ``repeat`` rounds after ``warmup`` rounds.
+
+    The implementations take turns within each round, so a change in machine load
+    (the CPU is shared) hits all of them alike and the ratios stay fair.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def _peak_memory_mib(impl: str, case: Case, threads: int) -> float | None:
@@ -287,14 +297,15 @@ def run(
     for case in cases:
         case = Case(**{f: getattr(case, f) for f in Case.__dataclass_fields__})
         row: dict[str, Any] = {"case": asdict(case), "ms": {}, "runs_ms": {}, "peak_mib": {}}
-        for impl in impls:
-            for label, backward in (("fwd", False), ("fwd+bwd", True)):
-                t = _inputs(case, requires_grad=backward)
-                med, runs = _median_ms(_step(impl, case, t, backward), repeat, warmup)
-                row["ms"][f"{impl} {label}"] = med
+        for label, backward in (("fwd", False), ("fwd+bwd", True)):
+            steps = {i: _step(i, case, _inputs(case, backward), backward) for i in impls}
+            times = _interleaved_ms(steps, repeat, warmup)
+            for impl, runs in times.items():
+                row["ms"][f"{impl} {label}"] = statistics.median(runs)
                 row["runs_ms"][f"{impl} {label}"] = runs
-                say(f"{case.name}: {impl} {label} {med:.1f} ms")
-            if memory:
+                say(f"{case.name}: {impl} {label} {statistics.median(runs):.1f} ms")
+        if memory:
+            for impl in impls:
                 row["peak_mib"][impl] = _peak_memory_mib(impl, case, threads)
         result["cases"].append(row)
     result["load_after"] = os.getloadavg()
@@ -329,8 +340,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"torch {v['torch']}, torchvision {v['torchvision']}, numba {v['numba']}, "
         f"python {v['python']}; deformconv commit {result['commit']}, "
         f"backend `{result['backend']}`.  ",
-        f"Median of {result['repeat']} runs after {result['warmup']} warm-up runs; "
-        "ratios > 1 mean the first is slower.",
+        f"Median of {result['repeat']} interleaved runs after {result['warmup']} warm-up "
+        "runs; a ratio a / b > 1 means a is slower.",
     ]
     if result.get("first_call_s"):
         fc = result["first_call_s"]

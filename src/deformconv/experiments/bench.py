@@ -9,10 +9,10 @@ from other processes hits them alike. Offsets are random (std 1 px), so the bili
 gather does real work.
 
 Peak memory: for each layer and implementation a fresh subprocess builds the inputs, runs
-one tiny call (so JIT code is loaded), records its peak resident set size
-(``resource.getrusage().ru_maxrss``), runs one forward+backward and reports the growth of
-the peak: the extra memory the call needed, the gradients included. tracemalloc cannot see
-torch's allocations; the RSS high-water mark sees everything.
+one tiny call (so JIT code is loaded), records its resident set size, runs one
+forward+backward and reports how far the peak RSS (``VmHWM`` in /proc/self/status, reset
+first) rose above it: the extra memory the call needed, gradients included. tracemalloc
+cannot see torch's allocations; the RSS high-water mark sees everything (Linux only).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -163,18 +162,32 @@ def _peak_memory_mib(impl: str, case: Case, threads: int) -> float | None:
     return float(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process in KiB, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
 def _measure_peak(impl: str, case_fields: dict[str, Any], threads: int) -> float:
-    """Subprocess side of :func:`_peak_memory_mib`."""
+    """Subprocess side of :func:`_peak_memory_mib` (Linux: reads /proc/self/status)."""
     torch.set_num_threads(threads)
     case = Case(**{**case_fields, "size": tuple(case_fields["size"])})
     tiny = Case("tiny", 1, 4, 4, (6, 6), case.stride, 1, case.modulated)
     tt = _inputs(tiny, True)
     _call(impl, tiny, tt).backward(tt["grad"])  # load JIT code, warm up allocators
     t = _inputs(case, True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The peak (VmHWM) is per address space, so it starts afresh in this subprocess
+    # (ru_maxrss would not: Linux carries it over from the parent across exec). Writing 5
+    # to clear_refs resets it to the current RSS where allowed.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    before = _rss_kib("VmRSS")
     _call(impl, case, t).backward(t["grad"])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+    return (_rss_kib("VmHWM") - before) / 1024
 
 
 def _first_call_seconds(threads: int) -> dict[str, float]:

@@ -449,20 +449,20 @@ def forward(
     chunks = _chunks(p.n, p.length, row_bytes, min(WORKSPACE_BYTES, _FORWARD_CHUNK_BYTES))
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     (cols,) = _workspace(rows, p.row_width, 1, p.dtype)
-    b_rows = bias.to(p.dtype).reshape(p.groups, 1, cog) if bias is not None else None
     for r0, r1 in chunks:
         chunk = cols[: r1 - r0]
         p.im2col(chunk, r0)
         for g in range(p.groups):
-            a, o = p.group_columns(chunk, g), out_rows[g, r0:r1]
-            if b_rows is None:
-                torch.mm(a, p.w_mat[g], out=o)
-            else:
-                torch.addmm(b_rows[g], a, p.w_mat[g], out=o)
-    # (groups, N·L, C_out/groups) -> (N, C_out, H_out, W_out)
-    out = out_rows.reshape(p.groups, p.n, p.length, cog).permute(1, 0, 3, 2)
-    out = out.reshape(p.n, p.c_out, p.h_out, p.w_out)
-    return out.to(input.dtype).contiguous()
+            torch.mm(p.group_columns(chunk, g), p.w_mat[g], out=out_rows[g, r0:r1])
+    # (groups, N·L, C_out/groups) -> (N, C_out, H_out, W_out), bias added in the same pass.
+    rows_view = out_rows.reshape(p.groups, p.n, p.length, cog).permute(1, 0, 3, 2)
+    rows_view = rows_view.reshape(p.n, p.c_out, p.h_out, p.w_out)
+    out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
+    if bias is None:
+        out.copy_(rows_view)
+    else:
+        torch.add(rows_view, bias.to(p.dtype).reshape(1, p.c_out, 1, 1), out=out)
+    return out.to(input.dtype)
 
 
 def backward(

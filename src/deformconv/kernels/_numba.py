@@ -13,16 +13,22 @@ Forward, per chunk of output pixels (rows):
 
 Backward, per chunk: ``_im2col`` again (columns are recomputed, not stored),
 ``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs), then
-``_col2im`` scatters ``grad_columns`` into a channels-last ``grad_input`` and computes the
-offset and mask gradients in the same pass. ``_col2im`` runs in parallel over tasks
-(image, offset group, block of at most ``CHANNEL_BLOCK`` channels): a task owns a disjoint slice
-of ``grad_input`` and its own partial offset/mask gradient, and the partials are summed
+``_col2im`` scatters ``grad_columns`` into a channels-last ``grad_input`` and, in the same
+pass, computes the offset and mask gradients from the four dot products
+``sum_c grad_column[c] · x[corner, c]``. ``_col2im`` runs in parallel over tasks (image,
+offset group, block of at most ``CHANNEL_BLOCK`` channels): a task owns a disjoint slice of
+``grad_input`` and its own partial offset/mask gradient, and the partials are summed
 afterwards in a fixed order. No two threads write the same memory and the task split does
 not depend on the thread count, so the results are bitwise reproducible.
 
+Vectorisation with ``fastmath=False`` (so NaN tests and IEEE semantics hold): inner-loop
+indices are unsigned, which removes Numba's negative-index wraparound (it blocked LLVM's
+vectoriser), and reductions use interleaved partial sums combined in a fixed tree.
+
 Memory: the column workspace (and, in backward, the grad-column workspace) is processed
 in chunks of rows whose size stays under :data:`WORKSPACE_BYTES`; whole images per chunk
-when they fit, otherwise slices of one image.
+when they fit, otherwise slices of one image. The workspace block is kept per Python
+thread and reused by the next call (no page faults on fresh memory every call).
 
 Safety: a sample position is tested with comparisons that are False for NaN
 (``y >= -1 and y < H and ...``) before it is floored and converted to an integer, so NaN,
@@ -144,28 +150,53 @@ def _im2col(
 
 
 @numba.njit(inline="always")
-def _dot(a, ra, ca, b, rb, cb, cnt):  # pragma: no cover
-    """sum_j a[ra, ca + j] · b[rb, cb + j] for j < cnt, in a fixed order.
+def _dot4(a, ra, ca, b, r0, r1, r2, r3, cb, cnt):  # pragma: no cover
+    """Four dot products sum_j a[ra, ca + j] · b[r_q, cb + j] (j < cnt) in one pass.
 
-    Eight interleaved partial sums (so the loop vectorises without fastmath), combined in
-    a fixed tree.
+    Four interleaved partial sums per product (so LLVM vectorises without fastmath),
+    combined in a fixed tree: a fixed summation order, hence reproducible results.
     """
     zero = a.dtype.type(0)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
-    eight = np.uint64(8)
-    full = cnt // eight * eight
-    for j0 in range(np.uint64(0), full, eight):
-        s0 += a[ra, ca + j0] * b[rb, cb + j0]
-        s1 += a[ra, ca + j0 + np.uint64(1)] * b[rb, cb + j0 + np.uint64(1)]
-        s2 += a[ra, ca + j0 + np.uint64(2)] * b[rb, cb + j0 + np.uint64(2)]
-        s3 += a[ra, ca + j0 + np.uint64(3)] * b[rb, cb + j0 + np.uint64(3)]
-        s4 += a[ra, ca + j0 + np.uint64(4)] * b[rb, cb + j0 + np.uint64(4)]
-        s5 += a[ra, ca + j0 + np.uint64(5)] * b[rb, cb + j0 + np.uint64(5)]
-        s6 += a[ra, ca + j0 + np.uint64(6)] * b[rb, cb + j0 + np.uint64(6)]
-        s7 += a[ra, ca + j0 + np.uint64(7)] * b[rb, cb + j0 + np.uint64(7)]
+    p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = zero
+    s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = zero
+    four = np.uint64(4)
+    full = cnt // four * four
+    o1 = np.uint64(1)
+    o2 = np.uint64(2)
+    o3 = np.uint64(3)
+    for j in range(np.uint64(0), full, four):
+        g0 = a[ra, ca + j]
+        g1 = a[ra, ca + j + o1]
+        g2 = a[ra, ca + j + o2]
+        g3 = a[ra, ca + j + o3]
+        p0 += g0 * b[r0, cb + j]
+        p1 += g1 * b[r0, cb + j + o1]
+        p2 += g2 * b[r0, cb + j + o2]
+        p3 += g3 * b[r0, cb + j + o3]
+        q0 += g0 * b[r1, cb + j]
+        q1 += g1 * b[r1, cb + j + o1]
+        q2 += g2 * b[r1, cb + j + o2]
+        q3 += g3 * b[r1, cb + j + o3]
+        s0 += g0 * b[r2, cb + j]
+        s1 += g1 * b[r2, cb + j + o1]
+        s2 += g2 * b[r2, cb + j + o2]
+        s3 += g3 * b[r2, cb + j + o3]
+        t0 += g0 * b[r3, cb + j]
+        t1 += g1 * b[r3, cb + j + o1]
+        t2 += g2 * b[r3, cb + j + o2]
+        t3 += g3 * b[r3, cb + j + o3]
     for j in range(full, cnt):
-        s0 += a[ra, ca + j] * b[rb, cb + j]
-    return ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
+        g0 = a[ra, ca + j]
+        p0 += g0 * b[r0, cb + j]
+        q0 += g0 * b[r1, cb + j]
+        s0 += g0 * b[r2, cb + j]
+        t0 += g0 * b[r3, cb + j]
+    return (
+        (p0 + p2) + (p1 + p3),
+        (q0 + q2) + (q1 + q3),
+        (s0 + s2) + (s1 + s3),
+        (t0 + t2) + (t1 + t3),
+    )
 
 
 @numba.njit(inline="always")
@@ -249,10 +280,11 @@ def _col2im(
                     cnt = np.uint64(min(c_hi, (wg + 1) * c_pg) - c)
                     col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
                     cu = np.uint64(c)
-                    d00 += _dot(gcols, r, col, x, i00, cu, cnt)
-                    d01 += _dot(gcols, r, col, x, i01, cu, cnt)
-                    d10 += _dot(gcols, r, col, x, i10, cu, cnt)
-                    d11 += _dot(gcols, r, col, x, i11, cu, cnt)
+                    e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, cnt)
+                    d00 += e00
+                    d01 += e01
+                    d10 += e10
+                    d11 += e11
                     _axpy(gcols, r, col, gx, i00, cu, cnt, w00)
                     _axpy(gcols, r, col, gx, i01, cu, cnt, w01)
                     _axpy(gcols, r, col, gx, i10, cu, cnt, w10)

@@ -17,6 +17,7 @@ cannot see torch's allocations; the RSS high-water mark sees everything (Linux o
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -288,8 +289,7 @@ def run(
     impls = ["conv2d", "deformconv"]
     if torchvision:
         try:
-            import torchvision.ops  # noqa: F401
-
+            importlib.import_module("torchvision.ops")
             impls.append("torchvision")
         except ImportError:
             pass

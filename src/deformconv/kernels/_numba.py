@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
@@ -67,7 +69,10 @@ CHANNEL_BLOCK = 64
 _MIN_TASKS = 2
 _MIN_BLOCK = 32
 
-_JIT = {"parallel": True, "cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+# The kernels (typed as Any: Numba's stubs do not describe dispatcher calls).
+_jit: Callable[[Any], Any] = numba.njit(
+    parallel=True, cache=True, nogil=True, fastmath=False, error_model="numpy"
+)
 
 
 @numba.njit(inline="always")
@@ -95,7 +100,7 @@ def _corners(y, x, height, width, one):  # pragma: no cover
     return ry0, ry1, rx0, rx1, ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
 
 
-@numba.njit(**_JIT)
+@_jit
 def _im2col(
     x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg
 ):  # pragma: no cover
@@ -206,7 +211,7 @@ def _axpy(a, ra, ca, y, ry, cy, cnt, alpha):  # pragma: no cover
         y[ry, cy + j] += alpha * a[ra, ca + j]
 
 
-@numba.njit(**_JIT)
+@_jit
 def _col2im(
     x,
     height,
@@ -307,7 +312,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    limit: int = getattr(numba.config, "NUMBA_NUM_THREADS", 1)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
 
 
 def _chunks(

@@ -6,7 +6,7 @@ Usage (from the repository root, on a machine with a CUDA device)::
     python -m benchmarks.bench_gpu --dtype float16 --out gpu_fp16.md
     python -m benchmarks.bench_gpu --quick               # 2 shapes, fewer repeats (a smoke run)
 
-For every shape of ``benchmarks/_shapes.py`` (``SUITE`` plus ``with_batch(32)``) and each
+For every shape of ``deformconv.bench.suite`` (``SUITE`` plus ``with_batch(32)``) and each
 of forward and forward+backward, it times ``F.conv2d`` on the same shapes (the floor: one
 cuDNN convolution), ``deformconv.deform_conv2d`` on the backend ``auto`` picks for CUDA
 (``triton`` when Triton is importable), ``torchvision.ops.deform_conv2d`` (the peer) and,
@@ -31,11 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-try:
-    from benchmarks._shapes import SUITE, Case, with_batch
-except ImportError:  # run as a script: python benchmarks/bench_gpu.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks._shapes import SUITE, Case, with_batch
+from deformconv.bench.suite import SUITE, Case, with_batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")

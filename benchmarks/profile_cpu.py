@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._shapes import SUITE  # noqa: E402
-from deformconv.experiments.bench import Case, _inputs  # noqa: E402
+from deformconv.bench.cpu import _inputs  # noqa: E402
+from deformconv.bench.suite import SUITE, Case  # noqa: E402
 from deformconv.kernels import _numba as K  # noqa: E402
 
 _spent = {"im2col": 0.0, "col2im": 0.0}

@@ -11,14 +11,14 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from deformconv.cli import _parser, main  # noqa: E402
-from deformconv.experiments.demo import run_demo  # noqa: E402
-from deformconv.experiments.digits import (  # noqa: E402
+from deformconv.demos.classify import run_demo  # noqa: E402
+from deformconv.demos.digits import (  # noqa: E402
     ScaledDigits,
     load_digits,
     scale_bucket,
     split_digits,
 )
-from deformconv.experiments.train import Distributed, load_checkpoint  # noqa: E402
+from deformconv.demos.train import Distributed, load_checkpoint  # noqa: E402
 
 TINY = [
     "--epochs",

@@ -92,7 +92,7 @@ def test_export_cli_writes_and_checks(tmp_path):
 
 
 def test_export_onnx_rejects_old_opset(tmp_path):
-    from deformconv.experiments.export import demo_model, export_onnx
+    from deformconv.onnx import demo_model, export_onnx
 
     with pytest.raises(ValueError, match=r"export_onnx: opset must be an int >= 19; got 18"):
         export_onnx(demo_model(), (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", opset=18)

@@ -1,4 +1,4 @@
-"""``deformconv bench``: the CPU benchmark (see :mod:`deformconv.experiments.bench`)."""
+"""``deformconv bench``: the CPU benchmark (see :mod:`deformconv.bench.cpu`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the suite, print the table, write the requested files."""
     import sys
 
-    from deformconv.experiments import bench
+    from deformconv.bench import cpu as bench
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)

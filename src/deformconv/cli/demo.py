@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from deformconv.cli import write_resolved_args
-    from deformconv.experiments.demo import run_demo
-    from deformconv.experiments.train import init_distributed
+    from deformconv.demos.classify import run_demo
+    from deformconv.demos.train import init_distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from deformconv.cli import write_resolved_args
-    from deformconv.experiments.export import demo_model, export_onnx
+    from deformconv.onnx import demo_model, export_onnx
 
     torch.manual_seed(args.seed)
     if args.model == "demo":

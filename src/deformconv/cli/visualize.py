@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Rebuild the checkpoint's test set and model, then draw and tabulate."""
     from deformconv.cli import write_resolved_args
-    from deformconv.experiments.demo import build_datasets, load_trained
-    from deformconv.experiments.figures import visualize
+    from deformconv.demos.classify import build_datasets, load_trained
+    from deformconv.demos.figures import visualize
 
     if not args.checkpoint.is_file():
         raise SystemExit(f"deformconv visualize: --checkpoint {args.checkpoint} is not a file")

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from deformconv.experiments.cnn import build_model
-from deformconv.experiments.digits import BUCKETS, ScaledDigits, load_digits, split_digits
-from deformconv.experiments.train import Distributed, TrainConfig, evaluate, load_checkpoint
+from deformconv.demos.cnn import build_model
+from deformconv.demos.digits import BUCKETS, ScaledDigits, load_digits, split_digits
+from deformconv.demos.train import Distributed, TrainConfig, evaluate, load_checkpoint
 
 __all__ = ["build_datasets", "load_trained", "results_markdown", "run_demo"]
 
@@ -87,8 +87,8 @@ def run_demo(
         ddp: this process's DDP rank.
         on_epoch_end: called after each epoch's checkpoint with the epochs done.
     """
-    from deformconv.experiments.figures import visualize, write_table
-    from deformconv.experiments.train import train
+    from deformconv.demos.figures import visualize, write_table
+    from deformconv.demos.train import train
 
     started = time.perf_counter()
     out: Path = args.out

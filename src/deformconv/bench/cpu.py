@@ -1,7 +1,7 @@
 """CPU benchmark: deformconv against ``F.conv2d`` (the floor) and torchvision (the peer).
 
-For each layer of the suite (the shapes of ``benchmarks/_shapes.py``; a copy lives here so
-the installed ``deformconv bench`` command needs no checkout) it times, in one process,
+For each layer of the suite (:mod:`deformconv.bench.suite`, the one definition shared with
+the GPU benchmark) it times, in one process,
 forward and forward+backward of ``F.conv2d``, :func:`deformconv.deform_conv2d` (backend
 ``auto``) and ``torchvision.ops.deform_conv2d`` when installed: the median of ``repeat``
 runs after ``warmup`` runs, the implementations taking turns in each round so that load
@@ -28,54 +28,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LARGE", "SUITE", "Case", "run", "to_markdown"]
+from deformconv.bench.suite import LARGE, SUITE, Case
 
+__all__ = ["run", "to_markdown"]
 
-@dataclass(frozen=True)
-class Case:
-    """One benchmark layer (a 3x3 deformable convolution with ``padding = kernel // 2``)."""
-
-    name: str
-    batch: int
-    in_channels: int
-    out_channels: int
-    size: tuple[int, int]
-    stride: int = 1
-    offset_groups: int = 1
-    modulated: bool = False
-    kernel: int = 3
-
-    @property
-    def padding(self) -> int:
-        """Zero padding ``kernel // 2`` (same-size output at stride 1)."""
-        return self.kernel // 2
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        """(H_out, W_out)."""
-        h, w = ((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in self.size)
-        return h, w
-
-
-# Same shapes as benchmarks/_shapes.py (tests/test_numba_kernels.py checks they agree).
-SUITE: tuple[Case, ...] = (
-    Case("res3 3x3 (ResNet-50)", 8, 128, 128, (28, 28)),
-    Case("res4 3x3 (ResNet-50)", 8, 256, 256, (14, 14)),
-    Case("res5 3x3 (ResNet-50)", 8, 512, 512, (7, 7)),
-    Case("detection B=2 C=64 128x128", 2, 64, 64, (128, 128)),
-    Case("stride 2 (res4 entry)", 8, 256, 256, (28, 28), stride=2),
-    Case("modulated, 4 offset groups", 8, 256, 256, (14, 14), offset_groups=4, modulated=True),
-)
-
-#: The memory check of issue 3: must run on a 24 GiB machine (``--large``).
-LARGE = Case("large B=32 C=256 56x56", 32, 256, 256, (56, 56))
 
 IMPLS = ("conv2d", "deformconv", "torchvision")
 
@@ -151,7 +114,7 @@ def _interleaved_ms(
 def _peak_memory_mib(impl: str, case: Case, threads: int) -> float | None:
     """Growth of the peak RSS during one forward+backward, in a fresh subprocess."""
     code = (
-        "import json, sys; from deformconv.experiments import bench; "
+        "import json, sys; from deformconv.bench import cpu as bench; "
         "print(json.dumps(bench._measure_peak(*json.loads(sys.argv[1]))))"
     )
     arg = json.dumps([impl, asdict(case), threads])

@@ -15,8 +15,8 @@ from deformconv.analysis import (
     plot_sampling_locations,
     trace_sampling_locations,
 )
-from deformconv.experiments.cnn import DEFORMABLE_LAYERS, SmallCNN
-from deformconv.experiments.digits import BUCKETS, ScaledDigits
+from deformconv.demos.cnn import DEFORMABLE_LAYERS, SmallCNN
+from deformconv.demos.digits import BUCKETS, ScaledDigits
 from deformconv.nn import DeformConv2d
 
 __all__ = [

@@ -73,7 +73,7 @@ def export_onnx(
 
     Example:
         >>> import tempfile, torch
-        >>> from deformconv.experiments.export import demo_model, export_onnx
+        >>> from deformconv.onnx import demo_model, export_onnx
         >>> model = demo_model().eval()
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     report = export_onnx(model, (torch.randn(1, 3, 16, 16),), f"{tmp}/m.onnx")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from deformconv.experiments.digits import BUCKETS
+from deformconv.demos.digits import BUCKETS
 
 __all__ = [
     "Distributed",

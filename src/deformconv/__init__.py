@@ -7,7 +7,7 @@ Example:
     torch.Size([1, 8, 16, 16])
 """
 
-from deformconv.models import deformify
+from deformconv.models import deformify, param_groups, recording
 from deformconv.nn import DeformConv2d, DeformRoIPool2d
 from deformconv.ops import (
     available_backends,
@@ -30,5 +30,7 @@ __all__ = [
     "deform_roi_pool",
     "deformify",
     "get_backend",
+    "param_groups",
+    "recording",
     "use_backend",
 ]

@@ -129,6 +129,8 @@ def _t(v: Sequence[int]) -> tuple[int, int]:
 
 
 def _kernels(backend: str, device_type: str) -> Any:
+    if backend == "auto":  # TorchScript calls: the choice in force when the op runs
+        backend = _backend.resolve(device_type)
     if backend == "reference":
         return _ReferenceKernels
     available = _backend.available_backends(device_type)

@@ -14,8 +14,6 @@ compute, including its conventions:
 - ``ModulatedDeformRoIPoolPack``'s mask is ``sigmoid`` too (``mask_fc`` ends with
   ``nn.Sigmoid``) and multiplies the pooled values; RoI pooling uses the half-pixel
   (``aligned=True``) convention and offsets ordered (x, y), as mmcv's kernels.
-- Packs load the keys of early mmcv checkpoints (``<name>_offset.*`` beside the
-  layer, as detectron2 also names them) into ``conv_offset``.
 
 Differences: none in what is computed. mmcv zero-pads inputs smaller than the kernel
 before its kernel runs; the op here computes the same values without padding, and
@@ -100,17 +98,6 @@ class _DeformBase(nn.Module):
                 f"{where}: {name} must have {rule}deform_groups*K_h*K_w={expected} channels "
                 f"(deform_groups={self.deform_groups}); got {offset.shape[1]}"
             )
-
-    def _load_old_offset_keys(self, state_dict: dict[str, Any], prefix: str, meta: Any) -> None:
-        # mmcv's Packs, version < 2: the offset conv was saved beside the layer as
-        # ``<name>_offset.*`` (detectron2's naming too); load it into ``conv_offset``.
-        version = meta.get("version", None) if meta is not None else None
-        if version is not None and version >= 2:
-            return
-        for key in ("weight", "bias"):
-            new, old = f"{prefix}conv_offset.{key}", f"{prefix[:-1]}_offset.{key}"
-            if new not in state_dict and old in state_dict:
-                state_dict[new] = state_dict.pop(old)
 
 
 class DeformConv2d(_DeformBase):
@@ -200,8 +187,6 @@ class DeformConv2dPack(DeformConv2d):
         torch.Size([1, 8, 9, 9])
     """
 
-    _version = 2
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         k_h, k_w = self.kernel_size
@@ -220,14 +205,6 @@ class DeformConv2dPack(DeformConv2d):
         """Predict offsets from ``x`` and convolve."""
         offset = self.conv_offset(x)
         return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
-
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        self._load_old_offset_keys(state_dict, prefix, local_metadata)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 class ModulatedDeformConv2d(_DeformBase):
@@ -323,8 +300,6 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         torch.Size([1, 8, 9, 9])
     """
 
-    _version = 2
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         k_h, k_w = self.kernel_size
@@ -348,14 +323,6 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         mask = torch.sigmoid(logits)
         return deform_conv2d(
             x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
-
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        self._load_old_offset_keys(state_dict, prefix, local_metadata)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
 

@@ -60,6 +60,16 @@ class _Detectron2Deform(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first: say clearly what cannot be scripted.
+        if self.activation is not None and not isinstance(self.activation, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}: torch.jit.script cannot compile activation="
+                f"{getattr(self.activation, '__name__', self.activation)!r}, a plain function; "
+                "pass an nn.Module (e.g. nn.ReLU()), or use torch.export or torch.compile"
+            )
+        return self
+
     def _finish(self, x: Tensor) -> Tensor:
         if self.norm is not None:
             x = self.norm(x)

@@ -161,7 +161,7 @@ class DeformConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply the layer; see the class docstring for shapes."""
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(input)
         offset, mask = self.offset_and_mask(input)
         if not torch.jit.is_scripting():

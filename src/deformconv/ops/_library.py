@@ -43,6 +43,7 @@ from torch import Tensor
 
 from deformconv.kernels import reference
 from deformconv.ops import _backend
+from deformconv.ops._validation import check_deform_conv2d
 
 __all__ = ["deform_conv2d_backward_op", "deform_conv2d_op"]
 
@@ -175,6 +176,8 @@ def deform_conv2d_op(
     Returns:
         (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype.
     """
+    # Validated here too, so that direct calls (TorchScript's) never reach a kernel unchecked.
+    check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     kernels = _kernels(backend, input.device.type)
     dt = _compute_dtype(kernels, input.dtype)
     args = [_prepare(t, dt) for t in (input, offset, mask, weight, bias)]

@@ -18,11 +18,12 @@ autocast device are cast to float32 first (so mixed dtypes are accepted, as
 the autocast dtype. torch.compile resolves the backend while tracing and
 recompiles when :func:`deformconv.use_backend` changes the choice.
 
-Under ``torch.jit.script`` the function compiles to a direct call of the
+Under ``torch.jit.script`` and ``torch.jit.trace`` the function is one call of the
 ``deformconv::deform_conv2d`` custom op with backend ``"auto"``, which the op resolves
-when it runs (so :func:`deformconv.use_backend` applies to scripted code too); the
-arguments are not validated by this module there (the kernels' own checks apply), and
-autocast casts the op's arguments to float32 but leaves the output in float32.
+when it runs (so :func:`deformconv.use_backend` applies to scripted and traced code
+too). The op validates its arguments itself (its errors reach TorchScript callers as
+``RuntimeError``); autocast casts the op's arguments to float32 and leaves the output
+in float32.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def deform_conv2d(
         >>> deform_conv2d(x, offset, weight, padding=1).shape
         torch.Size([2, 6, 8, 8])
     """
-    if torch.jit.is_scripting():
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
         return _scripted(input, offset, weight, bias, stride, padding, dilation, mask)
     input, offset, weight, bias, mask, out_dtype = _autocast(input, offset, weight, bias, mask)
     geo = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
@@ -119,7 +120,8 @@ def _scripted(
     dilation: IntPair,
     mask: Tensor | None,
 ) -> Tensor:
-    # The TorchScript path: plain data flow into the custom op, which resolves "auto".
+    # The TorchScript path (script and trace): plain data flow into the custom op, which
+    # validates its arguments and resolves "auto" when it runs.
     s = [stride, stride] if isinstance(stride, int) else [stride[0], stride[1]]
     p = [padding, padding] if isinstance(padding, int) else [padding[0], padding[1]]
     d = [dilation, dilation] if isinstance(dilation, int) else [dilation[0], dilation[1]]

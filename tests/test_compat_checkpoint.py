@@ -199,3 +199,8 @@ def test_offset_channels_that_fit_nothing_raise():
     state["layer4.0.conv2.conv_offset.weight"] = torch.zeros(20, 64, 3, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="'layer4.0.conv2' has 20 offset channels"):
         load_dcn_resnet(_small_resnet(), state, "mmdet")
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module; got dict"):
+        load_dcn_resnet({}, {})

@@ -192,3 +192,13 @@ def test_scripted_channels_last_output_keeps_the_format():
     x = torch.randn(2, 4, 8, 7).contiguous(memory_format=torch.channels_last)
     out = scripted(x, torch.randn(2, 18, 4, 3), torch.randn(3, 4, 3, 3), None)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_scripted_deformified_resnet_equals_eager():
+    tv = pytest.importorskip("torchvision")
+    model = deformconv.deformify(tv.models.resnet18(), last=2, modulated=True).eval()
+    for name in model.deformified:
+        _live(model.get_submodule(name))
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), **EXACT)

@@ -181,6 +181,7 @@ def load_dcn_resnet(
         ``model``, converted in place and loaded.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: the checkpoint does not fit the model (keys missing or unexpected,
             offset channels that fit no layer).
 
@@ -197,6 +198,8 @@ def load_dcn_resnet(
         (['layer4.0.conv2'], 'sigmoid')
     """
     where = "load_dcn_resnet"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module; got {type(model).__name__}")
     state = _unwrap(state_dict)
     if layout == "auto":
         layout = _detect_layout(list(state))

@@ -71,6 +71,7 @@ def test_mmcv_deform_conv2d():
     expected = tv.ops.deform_conv2d(x, offset, state["weight"], stride=2, padding=1)
     torch.testing.assert_close(layer(x, offset), expected, **TOL)
     assert layer.transposed is False and layer.output_padding == (0,)
+    assert "deform_groups=2" in repr(layer)
 
 
 def test_mmcv_deform_conv2d_pack():

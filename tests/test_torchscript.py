@@ -202,3 +202,13 @@ def test_scripted_deformified_resnet_equals_eager():
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(model)(x), model(x), **EXACT)
+
+
+def test_script_the_op_itself(backend):
+    scripted = torch.jit.script(deform_conv2d)
+    x, offset, mask, weight, bias = _problem()
+    with deformconv.use_backend(backend):
+        expected = deform_conv2d(x, offset, weight, bias, (2, 1), 1, (1, 2), mask)
+        torch.testing.assert_close(
+            scripted(x, offset, weight, bias, (2, 1), 1, (1, 2), mask), expected, **EXACT
+        )

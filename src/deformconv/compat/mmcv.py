@@ -89,6 +89,14 @@ class _DeformBase(nn.Module):
         self.transposed = False
         self.output_padding = (0,)
 
+    def extra_repr(self) -> str:
+        """The layer's hyper-parameters, named as mmcv names them."""
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, groups={self.groups}, deform_groups={self.deform_groups}"
+        )
+
     def _check_offset(self, where: str, offset: Tensor, factor: int) -> None:
         expected = factor * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
         if offset.dim() == 4 and offset.shape[1] != expected:

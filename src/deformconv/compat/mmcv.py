@@ -375,6 +375,14 @@ class DeformRoIPool(nn.Module):
     def _pool(
         self, input: Tensor, rois: Tensor, offset: Tensor | None, mask: Tensor | None
     ) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript calls the registered op, which validates its arguments and
+            # follows use_backend when it runs.
+            size = [self.output_size[0], self.output_size[1]]
+            return torch.ops.deformconv.deform_roi_pool(
+                input, rois, offset, mask, size, self.spatial_scale, self.sampling_ratio,
+                self.gamma, True, False, "auto",
+            )  # fmt: skip
         return deform_roi_pool(
             input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
             self.gamma, True, mask,

@@ -212,3 +212,19 @@ def test_script_the_op_itself(backend):
         torch.testing.assert_close(
             scripted(x, offset, weight, bias, (2, 1), 1, (1, 2), mask), expected, **EXACT
         )
+
+
+ROI_OP = hasattr(torch.ops.deformconv, "deform_roi_pool")
+
+
+@pytest.mark.skipif(not ROI_OP, reason="needs the registered deformconv::deform_roi_pool op")
+@pytest.mark.parametrize("cls", [mmcv.DeformRoIPoolPack, mmcv.ModulatedDeformRoIPoolPack])
+def test_scripted_mmcv_roi_packs_equal_eager(backend, cls):
+    pool = _live(cls(2, 3, deform_fc_channels=8, spatial_scale=0.5))
+    for p in pool.parameters():
+        nn.init.normal_(p, std=0.2)
+    rois = torch.tensor([[0.0, 1.5, 2.0, 13.0, 11.0], [1.0, 4.0, 0.0, 9.5, 14.0]])
+    x = torch.randn(2, 3, 8, 8)
+    scripted = torch.jit.script(pool)
+    with deformconv.use_backend(backend):
+        torch.testing.assert_close(scripted(x, rois), pool(x, rois), **EXACT)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import deformconv
-from deformconv import DeformRoIPool2d, deform_ps_roi_pool, deform_roi_pool
+from deformconv import deform_ps_roi_pool, deform_roi_pool
 from deformconv.kernels import roi_reference
 
 F64 = torch.float64
@@ -87,7 +87,9 @@ def test_beyond_the_cap_ps_is_ps_roi_align_with_the_cap(backend):
     rois = _square_rois(1e5)
     with deformconv.use_backend(backend):
         out = deform_ps_roi_pool(x, rois, None, 2, 1.0, 0)
-    torch.testing.assert_close(out, tv.ops.ps_roi_align(x, rois, 2, 1.0, 256), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        out, tv.ops.ps_roi_align(x, rois, 2, 1.0, 256), atol=1e-12, rtol=1e-12
+    )
 
 
 def test_workspace_slices_give_the_same_result(monkeypatch):

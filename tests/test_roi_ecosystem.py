@@ -99,7 +99,9 @@ def test_compile_fullgraph_matches_eager(backend, ps):
         eager = f(x, rois, offset, mask)
         out = compiled(x, rois, offset, mask)
         torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        for a, b in zip(_grads(out, (x, offset, mask)), _grads(eager, (x, offset, mask)), strict=True):
+        for a, b in zip(
+            _grads(out, (x, offset, mask)), _grads(eager, (x, offset, mask)), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

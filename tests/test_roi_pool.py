@@ -261,7 +261,9 @@ def test_sigmoid_mask_activation_is_mmcvs_modulation(backend, modulated):
 
 
 def test_mask_activation_is_validated():
-    with pytest.raises(ValueError, match=r"mask_activation must be one of \('2sigmoid', 'sigmoid'\)"):
+    with pytest.raises(
+        ValueError, match=r"mask_activation must be one of \('2sigmoid', 'sigmoid'\)"
+    ):
         DeformRoIPool2d(2, 1.0, in_channels=2, modulated=True, mask_activation="relu")
 
 
@@ -332,7 +334,9 @@ def test_module_bad_hyper_parameters(kwargs, error, match):
 
 def test_module_wrong_channels():
     pool = DeformRoIPool2d(2, 1.0, in_channels=4, hidden_features=8)
-    with pytest.raises(ArgumentError, match=r"in_channels=4, H_in, W_in\); got shape \(1, 3, 5, 5\)"):
+    with pytest.raises(
+        ArgumentError, match=r"in_channels=4, H_in, W_in\); got shape \(1, 3, 5, 5\)"
+    ):
         pool(torch.randn(1, 3, 5, 5), torch.tensor([[0, 0, 0, 3, 3.0]]))
 
 

@@ -106,9 +106,7 @@ class EmbeddingBagGather:
                 r1 = min(r, r0 + r_step)
                 index = (rows[lo:hi, r0:r1, None] + cols[lo:hi, None, :]).reshape(-1)
                 weight = (w_row[lo:hi, r0:r1, None] * w_col[lo:hi, None, :]).reshape(-1)
-                bag = torch.arange(lo, hi, device=grad.device).repeat_interleave(
-                    (r1 - r0) * q
-                )
+                bag = torch.arange(lo, hi, device=grad.device).repeat_interleave((r1 - r0) * q)
                 order = torch.sort(index, stable=True).indices
                 hit, counts = torch.unique_consecutive(index[order], return_counts=True)
                 offsets = torch.cumsum(counts, 0) - counts

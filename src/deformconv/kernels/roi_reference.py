@@ -50,8 +50,9 @@ __all__ = [
     "ReferenceGather",
     "adaptive_grid_cap",
     "axis_corners",
-    "backward",
-    "forward",
+    "DeformRoIPoolFunction",
+    "pool_backward",
+    "pool_forward",
     "roi_grid",
 ]
 
@@ -145,9 +146,9 @@ class ReferenceGather:
                 index = rows[lo:hi, r0:r1, None] + cols[lo:hi, None, :]
                 weight = w_row[lo:hi, r0:r1, None] * w_col[lo:hi, None, :]
                 gathered = table.index_select(0, index.reshape(-1))
-                part = torch.bmm(
-                    weight.reshape(hi - lo, 1, -1), gathered.reshape(hi - lo, -1, c)
-                )[:, 0]
+                part = torch.bmm(weight.reshape(hi - lo, 1, -1), gathered.reshape(hi - lo, -1, c))[
+                    :, 0
+                ]
                 acc = part if acc is None else acc + part
             assert acc is not None  # r >= 2 always
             pieces.append(acc)
@@ -431,7 +432,7 @@ def _no_autocast(device_type: str) -> Any:
     return contextlib.nullcontext()
 
 
-def forward(
+def pool_forward(
     input: Tensor,
     rois: Tensor,
     offset: Tensor | None,
@@ -484,7 +485,7 @@ def forward(
         return out.contiguous()
 
 
-def backward(
+def pool_backward(
     grad_output: Tensor,
     input: Tensor,
     rois: Tensor,
@@ -499,7 +500,7 @@ def backward(
     ops: GatherOps,
     needs: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`forward` for (input, offset, mask); None where not needed.
+    """Gradients of :func:`pool_forward` for (input, offset, mask); None where not needed.
 
     The RoIs get no gradient (as with ``torchvision.ops.roi_align``). Written in
     differentiable ops: under ``torch.enable_grad()`` with inputs that require grad,
@@ -507,7 +508,7 @@ def backward(
 
     Args:
         grad_output: (K, C_out, out_h, out_w).
-        input: see :func:`forward` (and the other arguments up to ``ops``).
+        input: see :func:`pool_forward` (and the other arguments up to ``ops``).
         rois: (K, 5).
         offset: (K, 2, out_h, out_w) or None.
         mask: (K, 1, out_h, out_w) or None.
@@ -573,14 +574,16 @@ def backward(
         grad_offset = None
         if shift_y is not None and shift_x is not None:
             roi_h, roi_w = s.roi_size
-            grad_offset = gamma * torch.stack([roi_w[:, None] * shift_x, roi_h[:, None] * shift_y], 1)
+            grad_offset = gamma * torch.stack(
+                [roi_w[:, None] * shift_x, roi_h[:, None] * shift_y], 1
+            )
             grad_offset = grad_offset.reshape(k, 2, out_h, out_w)
         grad_mask = None if grad_m is None else grad_m.reshape(k, 1, out_h, out_w)
         return grad_input, grad_offset, grad_mask
 
 
 class DeformRoIPoolFunction(torch.autograd.Function):
-    """Eager reference pooling: :func:`forward`, with :func:`backward` as its gradient.
+    """Eager reference pooling: :func:`pool_forward`, with :func:`pool_backward` as gradient.
 
     The backward is made of differentiable ops, so double backward works.
     """
@@ -599,16 +602,22 @@ class DeformRoIPoolFunction(torch.autograd.Function):
         aligned: bool,
         position_sensitive: bool,
     ) -> Tensor:
+        """:func:`pool_forward` with the reference reductions; saves the inputs."""
         ctx.save_for_backward(input, rois, offset, mask)
         ctx.args = (output_size, spatial_scale, sampling_ratio, gamma, aligned, position_sensitive)
-        return forward(input, rois, offset, mask, *ctx.args, ReferenceGather())
+        return pool_forward(
+            input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma,
+            aligned, position_sensitive, ReferenceGather(),
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """:func:`pool_backward` for the inputs that need a gradient (none for ``rois``)."""
         input, rois, offset, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gi, go, gm = backward(
-            grad, input, rois, offset, mask, *ctx.args, ReferenceGather(),
-            (needs[0], needs[2], needs[3]),
+        size, scale, ratio, gamma, aligned, ps = ctx.args
+        gi, go, gm = pool_backward(
+            grad, input, rois, offset, mask, size, scale, ratio, gamma, aligned, ps,
+            ReferenceGather(), (needs[0], needs[2], needs[3]),
         )  # fmt: skip
         return gi, None, go, gm, None, None, None, None, None, None

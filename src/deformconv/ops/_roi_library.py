@@ -98,7 +98,7 @@ def deform_roi_pool_op(
     )  # fmt: skip
     check_batch_index(where, rois, input.shape[0])
     x, r, o, m = (_compute(t) for t in (input, rois, offset, mask))
-    out = roi_reference.forward(
+    out = roi_reference.pool_forward(
         x, r, o, m, geo.output_size, geo.spatial_scale, geo.sampling_ratio, geo.gamma,  # type: ignore[arg-type]
         aligned, position_sensitive, gather_ops(backend, input.device.type),
     )  # fmt: skip
@@ -106,7 +106,19 @@ def deform_roi_pool_op(
 
 
 @deform_roi_pool_op.register_fake
-def _(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned, position_sensitive, backend):  # type: ignore[no-untyped-def]  # noqa: E501
+def _(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    mask: Tensor | None,
+    output_size: Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool,
+    position_sensitive: bool,
+    backend: str,
+) -> Tensor:
     out_h, out_w = output_size
     c = input.shape[1] // (out_h * out_w) if position_sensitive else input.shape[1]
     return input.new_empty(rois.shape[0], c, out_h, out_w)
@@ -139,7 +151,7 @@ def deform_roi_pool_backward_op(
     )  # fmt: skip
     originals = (input, offset, mask)
     g, x, r, o, m = (_compute(t) for t in (grad_output, input, rois, offset, mask))
-    grads = roi_reference.backward(
+    grads = roi_reference.pool_backward(
         g.contiguous(), x, r, o, m, geo.output_size, geo.spatial_scale,  # type: ignore[arg-type,union-attr]
         geo.sampling_ratio, geo.gamma, aligned, position_sensitive,
         gather_ops(backend, input.device.type),
@@ -152,7 +164,21 @@ def deform_roi_pool_backward_op(
 
 
 @deform_roi_pool_backward_op.register_fake
-def _(grad_output, input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned, position_sensitive, backend, output_mask):  # type: ignore[no-untyped-def]  # noqa: E501
+def _(
+    grad_output: Tensor,
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    mask: Tensor | None,
+    output_size: Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool,
+    position_sensitive: bool,
+    backend: str,
+    output_mask: Sequence[bool],
+) -> list[Tensor]:
     return [
         input.new_empty(0) if t is None or not wanted else t.new_empty(t.shape)
         for t, wanted in zip((input, offset, mask), output_mask, strict=True)
@@ -169,9 +195,7 @@ def _backward(ctx, grad):  # type: ignore[no-untyped-def]
     input, rois, offset, mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wanted = [needs[0], offset is not None and needs[2], mask is not None and needs[3]]
-    gi, go, gm = deform_roi_pool_backward_op(
-        grad, input, rois, offset, mask, *ctx.args, wanted
-    )
+    gi, go, gm = deform_roi_pool_backward_op(grad, input, rois, offset, mask, *ctx.args, wanted)
     return (
         gi if wanted[0] else None, None, go if wanted[1] else None, gm if wanted[2] else None,
         None, None, None, None, None, None, None,

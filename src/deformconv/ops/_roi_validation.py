@@ -107,7 +107,7 @@ def check_roi_pool(
         raise ArgumentError(f"{where}: spatial_scale must be positive; got {spatial_scale!r}")
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"{where}: sampling_ratio must be an int; got {sampling_ratio!r}")
-    if sampling_ratio > MAX_SAMPLING_RATIO:
+    if int(sampling_ratio) > MAX_SAMPLING_RATIO:
         raise ArgumentError(
             f"{where}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (samples per bin "
             f"and axis; <= 0 is adaptive); got {sampling_ratio}"
@@ -146,8 +146,8 @@ def check_roi_pool(
             )
     # Devices and dtypes last, after every shape (torchvision's order).
     for name, value in (("rois", r), ("offset", offset), ("mask", mask)):
-        if value is not None:
-            _tensor(where, name, value, value.dim(), like=x)  # type: ignore[union-attr]
+        if isinstance(value, Tensor):
+            _tensor(where, name, value, value.dim(), like=x)
     return RoIPoolGeometry(out_size, scale, max(0, int(sampling_ratio)), gamma_, c_out)
 
 

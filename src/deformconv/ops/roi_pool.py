@@ -148,16 +148,31 @@ def deform_roi_pool(
     by (0.1·1·7, 0.1·(-2)·3.5) = (0.7, -0.7) to (1.7, 0.55). ``aligned=False``: the
     RoI spans [1, 8] x [1.5, 5]; bin (0, 0) samples (1.5, 1.75), shifted to (2.2, 1.05).
 
+    **Bounds.** Memory: forward and backward work in slices of a fixed workspace
+    (64 MiB), so beyond the output and a channels-last copy of the input a call needs
+    a few values per RoI and bin, whatever the boxes. Time: the adaptive grid stops at
+    512 samples per RoI side, ``max(1, 512 // out)`` per bin and axis (73 for 7 bins).
+    Below that cap the result equals ``roi_align``; beyond it, it equals ``roi_align``
+    with ``sampling_ratio`` = the cap, so an absurd box (1e9 pixels, say) costs at most
+    about 512² samples.
+
+    Under ``torch.autocast`` (CPU, CUDA) mixed dtypes are accepted (e.g. bfloat16
+    features with float32 boxes): the op computes in float32 and returns ``input``'s
+    dtype, as ``roi_align``. It runs as the custom op ``deformconv::deform_roi_pool``
+    under torch.compile (no host synchronisation in the traced path), torch.export and
+    TorchScript.
+
     Args:
         input: (N, C, H_in, W_in) feature map.
         rois: (K, 5) rows ``[batch_index, x1, y1, x2, y2]`` in image coordinates,
             ``input``'s dtype and device; batch indices must be integers in [0, N)
-            (checked: free on CPU, one device sync elsewhere).
+            (checked inside the op: free on CPU, one device sync elsewhere).
         offset: (K, 2, out_h, out_w) normalised offsets (channel 0: x, 1: y), or None.
         output_size: int or (out_h, out_w), positive.
         spatial_scale: image-to-feature-map scale (e.g. 1/16), positive.
-        sampling_ratio: samples per bin along each axis; ``<= 0`` (default 0, like
-            torchvision's -1) samples ``ceil(roi_h / out_h) x ceil(roi_w / out_w)``.
+        sampling_ratio: samples per bin along each axis (at most 512); ``<= 0``
+            (default 0, like torchvision's -1) samples ``ceil(roi_h / out_h)`` along y,
+            up to ``max(1, 512 // out_h)`` (likewise x): see *Bounds* above.
         gamma: offset scale γ (0.1 in the paper).
         aligned: the half-pixel convention above.
         mask: (K, 1, out_h, out_w) multiplier of each bin (raw: apply any activation
@@ -167,13 +182,15 @@ def deform_roi_pool(
         (K, C, out_h, out_w) in ``input``'s dtype (float16/bfloat16 are computed in
         float32). Differentiable with respect to ``input``, ``offset`` and ``mask``.
         Empty, zero-size and out-of-image RoIs read 0 where they see nothing; NaN or
-        infinite offsets (and RoIs) read 0 and never index outside the input.
+        infinite offsets (and RoIs) read 0 and never index outside the input. The RoIs
+        get no gradient (as with ``roi_align``).
 
     Raises:
         TypeError: a non-tensor, an integer tensor, or a malformed hyper-parameter.
-        ValueError: rois not (K, 5); a batch index outside [0, N); offset or mask of
-            the wrong shape; a non-positive output size or scale; an empty map; a
-            device or dtype that differs from ``input``'s.
+        ArgumentError: (a ``ValueError`` and a ``RuntimeError``, what ``roi_align``
+            raises) rois not (K, 5); a batch index outside [0, N); offset or mask of
+            the wrong shape; a non-positive output size or scale; ``sampling_ratio``
+            above 512; an empty map; a device or dtype that differs from ``input``'s.
 
     Example:
         >>> import torch

@@ -13,8 +13,9 @@ device), ``"embedding_bag"`` (``kernels/_roi_fast.py``, CPU and CUDA; elsewhere 
 reference), or ``"auto"``, decided when the kernel runs from
 :func:`deformconv.use_backend` (what TorchScript passes). The op computes float16 and
 bfloat16 in float32 and returns the input's dtype; under autocast (CPU, CUDA) its
-floating arguments are cast to float32 first. The backward op is not differentiable
-again: the eager reference path has double backward.
+floating arguments are cast to float32 first. The backward op is differentiable again
+(double backward on every backend): its autograd formula differentiates the reference's
+backward, which is written in differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -202,6 +203,42 @@ def _backward(ctx, grad):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
+def _setup_backward_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    grad_output, input, rois, offset, mask, *args = inputs
+    ctx.save_for_backward(grad_output, input, rois, offset, mask)
+    ctx.args = args
+
+
+def _double_backward(ctx, grads):  # type: ignore[no-untyped-def]
+    # Differentiate the reference's backward (plain, differentiable torch ops) with autograd.
+    grad_output, input, rois, offset, mask = ctx.saved_tensors
+    size, scale, ratio, gamma, aligned, ps, _, wanted = ctx.args
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (grad_output, input)]
+    leaves += [None if t is None else t.detach().requires_grad_() for t in (offset, mask)]
+    g, x, o, m = (_compute(t) for t in leaves)
+    with torch.enable_grad():
+        outs = roi_reference.pool_backward(
+            g, x, _compute(rois), o, m, (int(size[0]), int(size[1])), scale, max(0, ratio),  # type: ignore[arg-type]
+            gamma, aligned, ps, roi_reference.ReferenceGather(),
+            (bool(wanted[0]), bool(wanted[1]), bool(wanted[2])),
+        )  # fmt: skip
+        pairs = [
+            (out, grad)
+            for out, grad in zip(outs, grads, strict=True)
+            if out is not None and grad is not None and grad.numel() > 0
+        ]
+        used = [t for t in leaves if t is not None]
+        found = torch.autograd.grad(
+            [p[0] for p in pairs], used, [p[1] for p in pairs], allow_unused=True
+        ) if pairs else [None] * len(used)  # fmt: skip
+    it = iter(found)
+    gg, gx, go, gm = (None if t is None else next(it) for t in leaves)
+    return (gg, gx, None, go, gm, None, None, None, None, None, None, None, None)
+
+
 deform_roi_pool_op.register_autograd(_backward, setup_context=_setup_context)
+deform_roi_pool_backward_op.register_autograd(
+    _double_backward, setup_context=_setup_backward_context
+)
 for _device_type in ("cpu", "cuda"):
     torch.library.register_autocast("deformconv::deform_roi_pool", _device_type, torch.float32)

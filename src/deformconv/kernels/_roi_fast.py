@@ -14,8 +14,8 @@ sum with no intermediate buffer of gathered values):
   added in with ``index_add_`` (distinct rows per slice: deterministic on every device).
 
 Each reduction works in slices whose indices, weights and outputs fit in
-``roi_reference.WORKSPACE_BYTES``, like the reference. Not differentiable again (the
-reference is). ``embedding_bag`` with ``per_sample_weights`` exists on CPU and CUDA only,
+``roi_reference.WORKSPACE_BYTES``, like the reference. They are not differentiated
+again: double backward goes through the reference's backward. ``embedding_bag`` with ``per_sample_weights`` exists on CPU and CUDA only,
 so other devices use the reference.
 """
 

@@ -30,7 +30,8 @@ its gradient), per-RoI and per-bin scalars, and a bounded workspace — independ
 size of the boxes.
 
 The backward is written in differentiable torch ops, so autograd can differentiate it
-again (double backward) when the reference runs eagerly.
+again (double backward): eagerly through :class:`DeformRoIPoolFunction`, and behind the
+custom op through the backward op's autograd formula.
 """
 
 from __future__ import annotations

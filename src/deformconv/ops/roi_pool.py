@@ -6,11 +6,12 @@ Routing of a validated call:
 call                                   runs
 =====================================  ==================================================
 eager, ``use_backend("reference")``    ``kernels/roi_reference.py`` as an autograd
-                                       Function (``index_select`` + ``bmm``; twice
-                                       differentiable)
+                                       Function (``index_select`` + ``bmm``)
 eager (other backends), torch.compile  ``deformconv::deform_roi_pool`` (``ops/_roi_library.py``):
 torch.export, TorchScript              the ``embedding_bag`` reductions on CPU and CUDA,
                                        the reference's elsewhere or under ``reference``
+
+Both routes are twice differentiable.
 =====================================  ==================================================
 
 Under ``torch.autocast`` (CPU or CUDA) the float16/bfloat16/float32 tensors are cast to

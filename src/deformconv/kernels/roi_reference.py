@@ -328,14 +328,17 @@ class _Setup:
     """Everything a pass needs about the RoIs of a validated call."""
 
     table: Tensor  # (N·P·H_in·W_in, C_out), channels last
+    roi_size: tuple[Tensor, Tensor]  # (K,) each: roi_h, roi_w, in the RoIs' order
+    # In grid order (the RoIs sorted by grid size, so each group is a slice):
     start: tuple[Tensor, Tensor]  # (K,) each: y, x
     bin_size: tuple[Tensor, Tensor]  # (K,) each
-    roi_size: tuple[Tensor, Tensor]  # (K,) each: roi_h, roi_w
     shift: tuple[Tensor, Tensor]  # (K, out_h, out_w) each: y, x
     base: Tensor  # (K, out_h, out_w) int64: (batch·P + plane)·H_in
+    order: Tensor  # (K,) grid order -> RoI index
+    inverse: Tensor  # (K,) RoI index -> grid order
     size: tuple[int, int]  # (H_in, W_in)
-    # Per group of RoIs sharing a non-empty grid: (g_h, g_w, RoI indices).
-    groups: list[tuple[int, int, Tensor]]
+    # Per group of RoIs sharing a non-empty grid: (g_h, g_w, first, end) in grid order.
+    groups: list[tuple[int, int, int, int]]
 
 
 def _setup(
@@ -375,36 +378,40 @@ def _setup(
     plane = torch.arange(planes, device=dev).reshape(1, out_h, out_w) if planes > 1 else 0
     base = ((batch[:, None, None] * planes + plane) * height).expand(k, out_h, out_w)
 
-    groups: list[tuple[int, int, Tensor]] = []
+    # Sort the RoIs by grid size (each group a slice); one host read of the distinct sizes.
+    key = grid_h * (1 << 31) + grid_w
+    order = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(k, device=dev))
+    groups: list[tuple[int, int, int, int]] = []
     if k > 0:
-        # Sort the RoIs by grid size; one host read of the distinct sizes.
-        key = grid_h * (1 << 31) + grid_w
-        order = torch.argsort(key, stable=True)
         keys, counts = torch.unique_consecutive(key[order], return_counts=True)
         lo = 0
         for key_, count in zip(keys.tolist(), counts.tolist(), strict=True):
             g_h, g_w = key_ >> 31, key_ & ((1 << 31) - 1)
             if g_h > 0 and g_w > 0:  # an empty grid reads 0
-                groups.append((g_h, g_w, order[lo : lo + count]))
+                groups.append((g_h, g_w, lo, lo + count))
             lo += count
+    start = (start_y[order], start_x[order])
+    bin_size = ((roi_h / out_h)[order], (roi_w / out_w)[order])
     return _Setup(
-        table, (start_y, start_x), (roi_h / out_h, roi_w / out_w), (roi_h, roi_w),
-        (shift_y, shift_x), base, (height, width), groups,
+        table, (roi_h, roi_w), start, bin_size, (shift_y[order], shift_x[order]), base[order],
+        order, inverse, (height, width), groups,
     )  # fmt: skip
 
 
-def _chunks(s: _Setup, bins: int) -> Iterator[tuple[int, int, Tensor]]:
-    """``(g_h, g_w, RoI indices)`` slices whose per-bin corner tables fit the workspace."""
-    for g_h, g_w, index in s.groups:
+def _chunks(s: _Setup, bins: int) -> Iterator[tuple[int, int, slice]]:
+    """``(g_h, g_w, RoIs in grid order)`` whose per-bin corner tables fit the workspace."""
+    for g_h, g_w, first, end in s.groups:
         per_roi = bins * (g_h + g_w) * 24  # the corner tables and their temporaries
         step = max(1, _budget(s.table) // per_roi)
-        yield from ((g_h, g_w, part) for part in index.split(step))
+        for lo in range(first, end, step):
+            yield g_h, g_w, slice(lo, min(end, lo + step))
 
 
 def _corners(
-    s: _Setup, index: Tensor, grid: tuple[int, int]
+    s: _Setup, index: slice, grid: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Separable corners of every bin of the RoIs ``index`` (which share ``grid``).
+    """Separable corners of every bin of the RoIs ``index`` (grid order; one ``grid``).
 
     Returns:
         ``(rows, cols, w_row, w_col, d_row, d_col)`` with M = len(index)·out_h·out_w:
@@ -475,12 +482,12 @@ def pool_forward(
         out_h, out_w = output_size
         bins, c_out = out_h * out_w, s.table.shape[1]
         k = rois.shape[0]
-        out = s.table.new_zeros(k, bins, c_out)
+        out = s.table.new_zeros(k, bins, c_out)  # in grid order
         for g_h, g_w, index in _chunks(s, bins):
             rows, cols, w_row, w_col, _, _ = _corners(s, index, (g_h, g_w))
             pooled = ops.gather_sum(s.table, rows, cols, w_row, w_col)
             out[index] = pooled.reshape(-1, bins, c_out)
-        out = out.reshape(k, out_h, out_w, c_out).permute(0, 3, 1, 2)
+        out = out[s.inverse].reshape(k, out_h, out_w, c_out).permute(0, 3, 1, 2)
         if mask is not None:
             out = out * mask
         return out.contiguous()
@@ -536,8 +543,9 @@ def pool_backward(
         need_input = needs[0]
         need_offset = needs[1] and offset is not None
         need_mask = needs[2] and mask is not None
-        grad = grad_output.permute(0, 2, 3, 1).reshape(k, bins, c_out)
-        m = None if mask is None else mask.reshape(k, bins)
+        # In grid order, like the corners.
+        grad = grad_output.permute(0, 2, 3, 1).reshape(k, bins, c_out)[s.order]
+        m = None if mask is None else mask.reshape(k, bins)[s.order]
         grad_masked = grad if m is None else grad * m[..., None]
         zeros = s.table.new_zeros
         grad_table = zeros(s.table.shape) if need_input else None
@@ -576,10 +584,10 @@ def pool_backward(
         if shift_y is not None and shift_x is not None:
             roi_h, roi_w = s.roi_size
             grad_offset = gamma * torch.stack(
-                [roi_w[:, None] * shift_x, roi_h[:, None] * shift_y], 1
+                [roi_w[:, None] * shift_x[s.inverse], roi_h[:, None] * shift_y[s.inverse]], 1
             )
             grad_offset = grad_offset.reshape(k, 2, out_h, out_w)
-        grad_mask = None if grad_m is None else grad_m.reshape(k, 1, out_h, out_w)
+        grad_mask = None if grad_m is None else grad_m[s.inverse].reshape(k, 1, out_h, out_w)
         return grad_input, grad_offset, grad_mask
 
 

@@ -15,8 +15,8 @@ sum with no intermediate buffer of gathered values):
 
 Each reduction works in slices whose indices, weights and outputs fit in
 ``roi_reference.WORKSPACE_BYTES``, like the reference. They are not differentiated
-again: double backward goes through the reference's backward. ``embedding_bag`` with ``per_sample_weights`` exists on CPU and CUDA only,
-so other devices use the reference.
+again: double backward goes through the reference's backward. ``embedding_bag`` with
+``per_sample_weights`` exists on CPU and CUDA only, so other devices use the reference.
 """
 
 from __future__ import annotations

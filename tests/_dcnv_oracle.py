@@ -115,3 +115,51 @@ def naive_dcnv4(
         offset_scale,
         remove_center,
     )
+
+
+def grid_sample_dcnv3(
+    input,
+    offset,
+    mask,
+    kernel_size=(3, 3),
+    stride=(1, 1),
+    padding=(1, 1),
+    dilation=(1, 1),
+    group=1,
+    offset_scale=1.0,
+) -> torch.Tensor:
+    """InternImage's construction with ``F.grid_sample``: pad, normalised grid, sample.
+
+    The input is zero-padded; a kernel point sits at ``(c + 0.5 + w·s)/W_p`` plus
+    ``(i_x·d - c)/W_p · offset_scale`` plus ``Δx · offset_scale / W_p`` in grid_sample's
+    [0, 1] coordinates (align_corners=False), W_p the padded width. No remove_center.
+    """
+    import torch.nn.functional as F
+
+    (k_h, k_w), (s_h, s_w), (p_h, p_w), (d_h, d_w) = kernel_size, stride, padding, dilation
+    x = F.pad(input, (0, 0, p_w, p_w, p_h, p_h))
+    n, hp, wp, channels = x.shape
+    _, h_out, w_out, _ = offset.shape
+    c_h, c_w = d_h * (k_h - 1) // 2, d_w * (k_w - 1) // 2
+    ref_y = (c_h + 0.5 + torch.arange(h_out, dtype=x.dtype) * s_h) / hp
+    ref_x = (c_w + 0.5 + torch.arange(w_out, dtype=x.dtype) * s_w) / wp
+    gx, gy = torch.meshgrid(
+        (torch.arange(k_w, dtype=x.dtype) * d_w - c_w) / wp,
+        (torch.arange(k_h, dtype=x.dtype) * d_h - c_h) / hp,
+        indexing="ij",
+    )  # (K_w, K_h): x-major points
+    p = k_h * k_w
+    off = offset.reshape(n, h_out, w_out, group, p, 2)
+    loc_x = ref_x[None, None, :, None, None] + gx.reshape(p) * offset_scale
+    loc_y = ref_y[None, :, None, None, None] + gy.reshape(p) * offset_scale
+    loc_x = loc_x + off[..., 0] * offset_scale / wp
+    loc_y = loc_y + off[..., 1] * offset_scale / hp
+    grid = torch.stack([2 * loc_x - 1, 2 * loc_y - 1], -1)  # (N, H_out, W_out, G, P, 2)
+    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, h_out * w_out, p, 2)
+    planes = x.permute(0, 3, 1, 2).reshape(n * group, channels // group, hp, wp)
+    samples = F.grid_sample(
+        planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # (N·G, C_g, L, P)
+    m = mask.reshape(n, h_out * w_out, group, p).permute(0, 2, 1, 3).reshape(n * group, 1, -1, p)
+    out = (samples * m).sum(-1).reshape(n, channels, h_out, w_out)
+    return out.permute(0, 2, 3, 1)

@@ -257,8 +257,8 @@ class _Problem:
         self.group = group
         self.rows = self.n * self.h_out * self.w_out
         self.x = input.detach().to(dt).contiguous().reshape(-1, self.channels)
-        self.off = offset.detach().to(dt).contiguous().reshape(self.rows, -1)
-        self.mask = mask.detach().to(dt).contiguous().reshape(self.rows, -1)
+        self.off = offset.detach().to(dt).contiguous().reshape(self.rows, offset.shape[3])
+        self.mask = mask.detach().to(dt).contiguous().reshape(self.rows, mask.shape[3])
         px, py = kernel_points(kernel_size, dilation, remove_center)
         np_dt = np.float64 if dt == torch.float64 else np.float32
         self.kx, self.ky = np.array(px, dtype=np_dt), np.array(py, dtype=np_dt)

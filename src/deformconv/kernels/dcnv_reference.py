@@ -141,7 +141,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk_rows(rows_total: int, bytes_per_row: int) -> list[tuple[int, int]]:
     step = max(1, WORKSPACE_BYTES // max(1, bytes_per_row))
-    return [(r0, min(rows_total, r0 + step)) for r0 in range(0, rows_total, step)]
+    # No rows: one empty chunk, so that an empty output is still part of the graph.
+    return [(r0, min(rows_total, r0 + step)) for r0 in range(0, rows_total, step)] or [(0, 0)]
 
 
 def _flat_problem(
@@ -225,7 +226,7 @@ def forward(
     for r0, r1 in _chunk_rows(total, group * 4 * p * c_g * input.element_size()):
         samples = x2[index[r0:r1]]  # (R, G, 4·P, C_g)
         outs.append((weight[r0:r1, :, None, :] @ samples).squeeze(-2))
-    out = torch.cat(outs) if outs else input.new_zeros(0, group, c_g)
+    out = torch.cat(outs)
     return out.reshape(n, h_out, w_out, channels).to(out_dtype)
 
 

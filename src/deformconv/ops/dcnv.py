@@ -16,6 +16,7 @@ the reference backend run plain torch ops (differentiable twice); fast backends
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -321,7 +322,14 @@ def _autocast(tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], torch.dt
 def _run(input: Tensor, offset: Tensor, mask: Tensor, geo: _Geometry) -> Tensor:
     backend = _resolve(input.device.type, _backend.get_backend())
     if backend == "reference" and not torch.compiler.is_exporting():
-        return dcnv_reference.forward(input, offset, mask, *geo.args())
+        # Autocast applies to the op as a whole (done by the caller), not to its parts.
+        device_type = input.device.type
+        with (
+            torch.autocast(device_type, enabled=False)
+            if device_type in ("cpu", "cuda")
+            else (contextlib.nullcontext())
+        ):
+            return dcnv_reference.forward(input, offset, mask, *geo.args())
     return dcnv3_op(input, offset, mask, *geo.args(), backend)  # type: ignore[no-any-return]
 
 

@@ -334,13 +334,16 @@ def test_autocast_returns_autocast_dtype(backend):
 def test_backward_is_deterministic(backend):
     case = Case(batch=2, size=(8, 8), group=2, group_channels=8)
     x, offset, mask = case.tensors(torch.float32, spread=3.0)
-    runs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
-        out = _call(backend, deformconv.dcnv3, *leaves, **case.kwargs())
-        out.backward(torch.ones_like(out))
-        runs.append([out, *(t.grad for t in leaves)])
+    runs, saved = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+            out = _call(backend, deformconv.dcnv3, *leaves, **case.kwargs())
+            out.backward(torch.ones_like(out))
+            runs.append([out, *(t.grad for t in leaves)])
+    finally:
+        torch.set_num_threads(saved)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 

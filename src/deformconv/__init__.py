@@ -8,9 +8,11 @@ Example:
 """
 
 from deformconv.models import deformify, param_groups, recording
-from deformconv.nn import DeformConv2d, DeformRoIPool2d
+from deformconv.nn import DCNv3, DCNv4, DeformConv2d, DeformRoIPool2d
 from deformconv.ops import (
     available_backends,
+    dcnv3,
+    dcnv4,
     deform_conv2d,
     deform_ps_roi_pool,
     deform_roi_pool,
@@ -21,10 +23,14 @@ from deformconv.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCNv3",
+    "DCNv4",
     "DeformConv2d",
     "DeformRoIPool2d",
     "__version__",
     "available_backends",
+    "dcnv3",
+    "dcnv4",
     "deform_conv2d",
     "deform_ps_roi_pool",
     "deform_roi_pool",

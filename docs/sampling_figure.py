@@ -27,12 +27,16 @@ for ax, pts, title in (
     ax.scatter(pts[:, 1], pts[:, 0], c="tab:red", s=40, zorder=3)
     if title.startswith("deformable"):
         for (gy, gx), (py, px) in zip(center + grid, pts, strict=True):
-            ax.annotate("", (px, py), (gx, gy), arrowprops={"arrowstyle": "->", "color": "tab:blue"})
+            ax.annotate(
+                "", (px, py), (gx, gy), arrowprops={"arrowstyle": "->", "color": "tab:blue"}
+            )
         ax.scatter((center + grid)[:, 1], (center + grid)[:, 0], c="tab:blue", s=12, zorder=2)
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle("Each of the 9 taps is shifted by a learned (Δy, Δx) and read by bilinear interpolation")
+fig.suptitle(
+    "Each of the 9 taps is shifted by a learned (Δy, Δx) and read by bilinear interpolation"
+)
 fig.tight_layout()
 out = Path(__file__).parent / "images" / "sampling.png"
 fig.savefig(out, dpi=90)

@@ -35,3 +35,31 @@ def test_readme_python_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert tuple(namespace["y"].shape) == (1, 6, 9, 9)
+
+
+def _tables(text: str) -> dict[str, list[str]]:
+    """Markdown tables by header row, each as its list of rows."""
+    tables: dict[str, list[str]] = {}
+    rows: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            rows.append(line.strip())
+        elif rows:
+            tables[rows[0]] = rows
+            rows = []
+    return tables
+
+
+def _as_in_docs(row: str) -> str:
+    return row.replace("](docs/", "](").replace("](CHANGELOG.md)", "](changelog.md)")
+
+
+def test_readme_tables_are_copies_of_the_docs():
+    docs = {}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        docs.update(_tables(page.read_text()))
+    readme = _tables(README)
+    assert len(readme) >= 4  # layout, backends, results, documentation
+    for header, rows in readme.items():
+        assert header in docs, f"README table without a source in docs/: {header}"
+        assert [_as_in_docs(r) for r in rows] == docs[header], header

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deformconv.bench.suite import LARGE, SUITE, Case
+from deformconv.bench.suite import SUITE, Case
 
 __all__ = ["run", "to_markdown"]
 

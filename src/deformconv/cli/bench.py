@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from deformconv.bench import cpu as bench
+    from deformconv.bench.suite import LARGE
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     text = bench.to_markdown(result)
     if args.large:
         large = bench.run(
-            cases=[bench.LARGE],
+            cases=[LARGE],
             threads=args.threads,
             repeat=3,
             warmup=1,

@@ -247,3 +247,13 @@ def test_bitwise_deterministic():
 )
 def test_dispatch_by_group_width(c_in, c_out, groups, direct):
     assert _direct.prefers_direct(c_in, c_out, groups) is direct
+
+
+def test_bench_grouped_row_runs_against_grouped_conv2d():
+    from deformconv.bench import cpu as bench
+    from deformconv.bench.suite import GROUPED, SUITES
+
+    assert {c.groups for c in GROUPED} >= {32, 64, 128} and SUITES["grouped"] == GROUPED
+    tiny = bench.Case("tiny grouped", 2, 8, 8, (5, 4), offset_groups=2, modulated=True, groups=4)
+    result = bench.run([tiny], threads=1, repeat=1, warmup=0, memory=False, first_call=False)
+    assert "| tiny grouped (2, 8→8, 5×4, g=4) |" in bench.to_markdown(result)

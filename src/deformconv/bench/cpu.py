@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deformconv.bench.suite import LARGE, SUITE, Case
+from deformconv.bench.suite import SUITE, Case
 
 __all__ = ["run", "to_markdown"]
 
@@ -48,8 +48,9 @@ def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
     k = case.kernel * case.kernel
     h_out, w_out = case.out_size
     x = torch.randn(case.batch, case.in_channels, *case.size, generator=g)
-    w = torch.randn(case.out_channels, case.in_channels, case.kernel, case.kernel, generator=g)
-    w = w / math.sqrt(case.in_channels * k)
+    c_pg = case.in_channels // case.groups
+    w = torch.randn(case.out_channels, c_pg, case.kernel, case.kernel, generator=g)
+    w = w / math.sqrt(c_pg * k)
     b = torch.randn(case.out_channels, generator=g)
     off = torch.randn(case.batch, 2 * case.offset_groups * k, h_out, w_out, generator=g)
     mask = None
@@ -68,7 +69,7 @@ def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
 def _call(impl: str, case: Case, t: dict[str, Any]) -> torch.Tensor:
     s, p = case.stride, case.padding
     if impl == "conv2d":
-        return F.conv2d(t["x"], t["w"], t["b"], stride=s, padding=p)
+        return F.conv2d(t["x"], t["w"], t["b"], stride=s, padding=p, groups=case.groups)
     if impl == "deformconv":
         import deformconv
 
@@ -138,7 +139,8 @@ def _measure_peak(impl: str, case_fields: dict[str, Any], threads: int) -> float
     """Subprocess side of :func:`_peak_memory_mib` (Linux: reads /proc/self/status)."""
     torch.set_num_threads(threads)
     case = Case(**{**case_fields, "size": tuple(case_fields["size"])})
-    tiny = Case("tiny", 1, 4, 4, (6, 6), case.stride, 1, case.modulated)
+    ch = case.groups * min(4, case.in_channels // case.groups)  # the same kernels as ``case``
+    tiny = Case("tiny", 1, ch, ch, (6, 6), case.stride, 1, case.modulated, groups=case.groups)
     tt = _inputs(tiny, True)
     _call(impl, tiny, tt).backward(tt["grad"])  # load JIT code, warm up allocators
     t = _inputs(case, True)
@@ -324,7 +326,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         parts = [f"{k.replace('_', ' ')} {s:.1f} s" for k, s in fc.items()]
         lines.append(f"  \nFirst forward+backward call in a fresh process: {', '.join(parts)}.")
     has_tv = any("torchvision fwd" in r["ms"] for r in result["cases"])
-    head = ["layer (N, C_in→C_out, H×W)"]
+    head = ["layer (N, C_in→C_out, H×W[, groups])"]
     for label in ("fwd", "fwd+bwd"):
         head += [f"conv2d {label}", f"deformconv {label}"]
         head += [f"torchvision {label}"] if has_tv else []
@@ -338,9 +340,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["cases"]:
         c, ms, ratio = r["case"], r["ms"], _ratios(r["ms"])
+        groups = c.get("groups", 1)
         cells = [
             f"{c['name']} ({c['batch']}, {c['in_channels']}→{c['out_channels']}, "
-            f"{c['size'][0]}×{c['size'][1]})"
+            f"{c['size'][0]}×{c['size'][1]}" + (f", g={groups})" if groups > 1 else ")")
         ]
         for label in ("fwd", "fwd+bwd"):
             cells += [f"{ms[f'conv2d {label}']:.1f}", f"{ms[f'deformconv {label}']:.1f}"]

@@ -12,6 +12,14 @@ HELP = "Time deform_conv2d against F.conv2d and torchvision on CPU; write a Mark
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this subcommand's options."""
+    from deformconv.bench.suite import SUITES
+
+    parser.add_argument(
+        "--suite",
+        action="append",
+        choices=sorted(SUITES),
+        help="layer suite to run; repeat for several (default: dense and grouped)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs (median; default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
@@ -36,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from deformconv.bench import cpu as bench
+    from deformconv.bench.suite import LARGE, SUITES
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
@@ -45,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
             "deformconv bench: --repeat and --threads must be >= 1 and --warmup >= 0; got "
             f"repeat={args.repeat}, threads={args.threads}, warmup={args.warmup}"
         )
+    names = args.suite or ["dense", "grouped"]
+    cases = [case for name in dict.fromkeys(names) for case in SUITES[name]]
     result = bench.run(
+        cases=cases,
         threads=args.threads,
         repeat=args.repeat,
         warmup=args.warmup,
@@ -57,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     text = bench.to_markdown(result)
     if args.large:
         large = bench.run(
-            cases=[bench.LARGE],
+            cases=[LARGE],
             threads=args.threads,
             repeat=3,
             warmup=1,

@@ -257,3 +257,14 @@ def test_bench_grouped_row_runs_against_grouped_conv2d():
     tiny = bench.Case("tiny grouped", 2, 8, 8, (5, 4), offset_groups=2, modulated=True, groups=4)
     result = bench.run([tiny], threads=1, repeat=1, warmup=0, memory=False, first_call=False)
     assert "| tiny grouped (2, 8→8, 5×4, g=4) |" in bench.to_markdown(result)
+
+
+def test_bench_model_rows():
+    pytest.importorskip("torchvision")
+    from deformconv.bench import cpu as bench
+
+    result = bench.run_models(["resnet18"], batch=2, size=64, threads=1, repeat=1, warmup=0)
+    assert set(result["rows"][0]["ms"]) == {
+        "plain train", "deformable train", "plain infer", "deformable infer"
+    }  # fmt: skip
+    assert "| resnet18 |" in bench.models_to_markdown(result)

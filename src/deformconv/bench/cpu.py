@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from deformconv.bench.suite import SUITE, Case
 
-__all__ = ["run", "to_markdown"]
+__all__ = ["models_to_markdown", "run", "run_models", "to_markdown"]
 
 
 IMPLS = ("conv2d", "deformconv", "torchvision")
@@ -362,5 +362,87 @@ def to_markdown(result: dict[str, Any]) -> str:
             cells += [f"**{gm[f'deformconv/conv2d {label}']:.2f}x**"]
             cells += [f"**{gm[f'torchvision/deformconv {label}']:.1f}x**"] if has_tv else []
         cells += [""] if has_mem else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _model(name: str, deformable: bool) -> torch.nn.Module:
+    import torchvision
+
+    from deformconv import deformify
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    if deformable:
+        deformify(model, last=3)
+    return model
+
+
+def run_models(
+    names: Sequence[str] = ("resnet50", "resnext50_32x4d"),
+    batch: int = 8,
+    size: int = 224,
+    threads: int = 2,
+    repeat: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Model-level rows: each torchvision model plain and with ``deformify(last=3)``.
+
+    Times a training step (forward, sum of the logits, backward; no optimizer) and
+    inference (``eval()``, ``no_grad``) on random ``(batch, 3, size, size)`` images, the two
+    variants taking turns in each round. Needs torchvision.
+
+    Returns:
+        ``{"batch", "size", "threads", "rows": [{"model", "ms": {...}}]}``; see
+        :func:`models_to_markdown`.
+    """
+    torch.set_num_threads(threads)
+    say = progress or (lambda line: None)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name in names:
+        models = {"plain": _model(name, False), "deformable": _model(name, True)}
+        row: dict[str, Any] = {"model": name, "ms": {}}
+        for label in ("train", "infer"):
+            steps: dict[str, Callable[[], None]] = {}
+            for variant, model in models.items():
+                if label == "train":
+                    model.train()
+
+                    def step(m: torch.nn.Module = model) -> None:
+                        m.zero_grad(set_to_none=True)
+                        m(x).sum().backward()
+                else:
+                    model.eval()
+
+                    def step(m: torch.nn.Module = model) -> None:
+                        with torch.no_grad():
+                            m(x)
+
+                steps[variant] = step
+            for variant, runs in _interleaved_ms(steps, repeat, warmup).items():
+                row["ms"][f"{variant} {label}"] = statistics.median(runs)
+                say(f"{name}: {variant} {label} {statistics.median(runs):.0f} ms")
+        rows.append(row)
+    return {"batch": batch, "size": size, "threads": threads, "repeat": repeat, "rows": rows}
+
+
+def models_to_markdown(result: dict[str, Any]) -> str:
+    """Model-level rows as a Markdown table (medians in ms)."""
+    lines = [
+        f"Batch {result['batch']} of {result['size']}×{result['size']} images, "
+        f"{result['threads']} threads, median of {result['repeat']} interleaved runs; "
+        "deformable = `deformify(model, last=3)`.",
+        "",
+        "| model | train step plain | deformable | ratio | inference plain | deformable | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ms = r["ms"]
+        cells = [r["model"]]
+        for label in ("train", "infer"):
+            plain, deform = ms[f"plain {label}"], ms[f"deformable {label}"]
+            cells += [f"{plain:.0f}", f"{deform:.0f}", f"{deform / plain:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

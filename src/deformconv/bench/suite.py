@@ -69,9 +69,10 @@ GROUPED: tuple[Case, ...] = (
     Case("depthwise 3x3, 128 ch", 8, 128, 128, (56, 56), groups=128),
 )
 
-#: The suites by name (``deformconv bench --suite NAME``); ``-b1``: the same at batch 1.
+#: The suites by name (``deformconv bench --suite NAME``); ``-b1``: batch 1 (serving).
 SUITES: dict[str, tuple[Case, ...]] = {
     "dense": SUITE,
     "grouped": GROUPED,
     "grouped-b1": with_batch(1, GROUPED),
+    "dense-b1": with_batch(1, SUITE[1:4]),  # serving: res4, res5, the detection layer
 }

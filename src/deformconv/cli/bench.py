@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-first-call", action="store_true", help="skip the first-call (JIT) measurement"
     )
     parser.add_argument(
+        "--models",
+        action="store_true",
+        help="also time ResNet-50 and ResNeXt-50 (32x4d), plain and with deformify(last=3)",
+    )
+    parser.add_argument(
         "--large",
         action="store_true",
         help="also run B=32, C=256, 56x56 (conv2d and deformconv, 3 runs) with peak memory",
@@ -82,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         text += "\nMemory check (3 runs after 1 warm-up, no torchvision):\n\n" + bench.to_markdown(
             large
         )
+    if args.models:
+        models = bench.run_models(threads=args.threads, progress=progress)
+        result["models"] = models
+        text += "\nModel level:\n\n" + bench.models_to_markdown(models)
     resolved = {k: v for k, v in vars(args).items() if k != "_run"}
     result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in resolved.items()}
     print(text)

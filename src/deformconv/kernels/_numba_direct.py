@@ -261,12 +261,8 @@ def _backward(
                     i00, i01, i10, i11, w00, w01, w10, w11, ly, lx, v00, v01, v10, v11 = _geometry(
                         y, xx, height, width, pix, m, one
                     )
-                    # gs[c] = Σ_j go_e[j, c] · w_t[k, j, c]
-                    for i in range(cnt):
-                        gs[0, i] = go_e[0, i] * w_t[k, 0, cl + i]
-                    for j in range(1, cog):
-                        for i in range(cnt):
-                            gs[0, i] += go_e[j, i] * w_t[k, j, cl + i]
+                    # gs[c] = Σ_j go_e[j, c] · w_t[k, j, c]; with the weight gradient, in the
+                    # same pass over j: g_w[slot, k, j, c] += go_e[j, c] · sample[c].
                     if need_w:
                         for i in range(cnt):
                             c = cl + i
@@ -274,9 +270,19 @@ def _backward(
                                 w00 * x[i00, c] + w01 * x[i01, c]
                                 + w10 * x[i10, c] + w11 * x[i11, c]
                             )  # fmt: skip
-                        for j in range(cog):
+                        for i in range(cnt):
+                            gs[0, i] = go_e[0, i] * w_t[k, 0, cl + i]
+                            g_w[slot, k, 0, cl + i] += go_e[0, i] * smp[i]
+                        for j in range(1, cog):
                             for i in range(cnt):
+                                gs[0, i] += go_e[j, i] * w_t[k, j, cl + i]
                                 g_w[slot, k, j, cl + i] += go_e[j, i] * smp[i]
+                    else:
+                        for i in range(cnt):
+                            gs[0, i] = go_e[0, i] * w_t[k, 0, cl + i]
+                        for j in range(1, cog):
+                            for i in range(cnt):
+                                gs[0, i] += go_e[j, i] * w_t[k, j, cl + i]
                     if need_x:
                         for i in range(cnt):
                             c = cl + i

@@ -88,6 +88,32 @@ def test_groups_battery_numba_matches_reference(groups, offset_groups, modulated
     )
 
 
+def _torchvision_run(problem, kwargs, grad_output):
+    tv_ops = pytest.importorskip("torchvision.ops")
+    x, offset, weight, bias, mask = problem
+    leaves = _leaves(x, offset, mask, weight, bias)
+    xi, oi, mi, wi, bi = leaves
+    out = tv_ops.deform_conv2d(xi, oi, wi, bi, mask=mi, **kwargs)
+    used = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, used, grad_output))
+    return out.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+@pytest.mark.parametrize("offset_groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 4, 32, C])
+def test_groups_battery_numba_matches_torchvision(groups, offset_groups, modulated):
+    cfg = Config(batch=2, in_channels=C, out_channels=C, size=(5, 6), groups=groups,
+                 offset_groups=offset_groups, mask=modulated)  # fmt: skip
+    dtype = torch.float64
+    problem = make_problem(cfg, dtype=dtype)
+    kwargs = call_kwargs(cfg)
+    go = _grad_output(cfg, dtype)
+    _assert_all_close(
+        _op_run("numba", problem, kwargs, go), _torchvision_run(problem, kwargs, go), dtype
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_direct_kernels_match_reference_on_every_config(name, dtype):
@@ -144,25 +170,6 @@ def test_forward_matches_naive_loops(groups):
         out = deformconv.deform_conv2d(x, offset, weight, bias, mask=mask, **kwargs)
     expected = naive_deform_conv2d(x, offset, weight, bias, mask=mask, **kwargs)
     torch.testing.assert_close(out, expected, **TOL[torch.float64])
-
-
-@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
-@pytest.mark.parametrize("groups", [4, 16])
-def test_matches_torchvision(groups, modulated):
-    tv_ops = pytest.importorskip("torchvision.ops")
-    cfg = Config(batch=2, in_channels=16, out_channels=16, groups=groups, offset_groups=2, mask=modulated, size=(6, 7))  # fmt: skip
-    dtype = torch.float64
-    problem = make_problem(cfg, dtype=dtype)
-    kwargs = call_kwargs(cfg)
-    go = _grad_output(cfg, dtype)
-    x, offset, weight, bias, mask = problem
-    leaves = _leaves(x, offset, mask, weight, bias)
-    xi, oi, mi, wi, bi = leaves
-    out = tv_ops.deform_conv2d(xi, oi, wi, bi, mask=mi, **kwargs)
-    used = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(out, used, go))
-    expected = (out.detach(), [None if t is None else next(grads) for t in leaves])
-    _assert_all_close(_op_run("numba", problem, kwargs, go), expected, dtype)
 
 
 def test_gradcheck_depthwise():

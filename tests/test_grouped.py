@@ -246,6 +246,8 @@ def test_bitwise_deterministic():
     [
         (256, 256, 1, False),  # dense: one GEMM
         (256, 256, 2, False),  # 128 channels per group: GEMMs
+        (256, 256, 4, False),  # 64 channels per group: GEMMs
+        (256, 256, 8, True),  # 32 channels per group
         (256, 256, 32, True),  # ResNeXt 32x8d
         (512, 512, 32, True),  # 16 channels per group
         (128, 128, 128, True),  # depthwise

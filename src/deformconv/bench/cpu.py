@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from deformconv.bench.suite import SUITE, Case
 
-__all__ = ["run", "to_markdown"]
+__all__ = ["models_to_markdown", "run", "run_models", "to_markdown"]
 
 
 IMPLS = ("conv2d", "deformconv", "torchvision")
@@ -48,8 +48,9 @@ def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
     k = case.kernel * case.kernel
     h_out, w_out = case.out_size
     x = torch.randn(case.batch, case.in_channels, *case.size, generator=g)
-    w = torch.randn(case.out_channels, case.in_channels, case.kernel, case.kernel, generator=g)
-    w = w / math.sqrt(case.in_channels * k)
+    c_pg = case.in_channels // case.groups
+    w = torch.randn(case.out_channels, c_pg, case.kernel, case.kernel, generator=g)
+    w = w / math.sqrt(c_pg * k)
     b = torch.randn(case.out_channels, generator=g)
     off = torch.randn(case.batch, 2 * case.offset_groups * k, h_out, w_out, generator=g)
     mask = None
@@ -68,7 +69,7 @@ def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
 def _call(impl: str, case: Case, t: dict[str, Any]) -> torch.Tensor:
     s, p = case.stride, case.padding
     if impl == "conv2d":
-        return F.conv2d(t["x"], t["w"], t["b"], stride=s, padding=p)
+        return F.conv2d(t["x"], t["w"], t["b"], stride=s, padding=p, groups=case.groups)
     if impl == "deformconv":
         import deformconv
 
@@ -138,7 +139,8 @@ def _measure_peak(impl: str, case_fields: dict[str, Any], threads: int) -> float
     """Subprocess side of :func:`_peak_memory_mib` (Linux: reads /proc/self/status)."""
     torch.set_num_threads(threads)
     case = Case(**{**case_fields, "size": tuple(case_fields["size"])})
-    tiny = Case("tiny", 1, 4, 4, (6, 6), case.stride, 1, case.modulated)
+    ch = case.groups * min(4, case.in_channels // case.groups)  # the same kernels as ``case``
+    tiny = Case("tiny", 1, ch, ch, (6, 6), case.stride, 1, case.modulated, groups=case.groups)
     tt = _inputs(tiny, True)
     _call(impl, tiny, tt).backward(tt["grad"])  # load JIT code, warm up allocators
     t = _inputs(case, True)
@@ -324,7 +326,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         parts = [f"{k.replace('_', ' ')} {s:.1f} s" for k, s in fc.items()]
         lines.append(f"  \nFirst forward+backward call in a fresh process: {', '.join(parts)}.")
     has_tv = any("torchvision fwd" in r["ms"] for r in result["cases"])
-    head = ["layer (N, C_in→C_out, H×W)"]
+    head = ["layer (N, C_in→C_out, H×W[, groups])"]
     for label in ("fwd", "fwd+bwd"):
         head += [f"conv2d {label}", f"deformconv {label}"]
         head += [f"torchvision {label}"] if has_tv else []
@@ -338,9 +340,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["cases"]:
         c, ms, ratio = r["case"], r["ms"], _ratios(r["ms"])
+        groups = c.get("groups", 1)
         cells = [
             f"{c['name']} ({c['batch']}, {c['in_channels']}→{c['out_channels']}, "
-            f"{c['size'][0]}×{c['size'][1]})"
+            f"{c['size'][0]}×{c['size'][1]}" + (f", g={groups})" if groups > 1 else ")")
         ]
         for label in ("fwd", "fwd+bwd"):
             cells += [f"{ms[f'conv2d {label}']:.1f}", f"{ms[f'deformconv {label}']:.1f}"]
@@ -359,5 +362,87 @@ def to_markdown(result: dict[str, Any]) -> str:
             cells += [f"**{gm[f'deformconv/conv2d {label}']:.2f}x**"]
             cells += [f"**{gm[f'torchvision/deformconv {label}']:.1f}x**"] if has_tv else []
         cells += [""] if has_mem else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _model(name: str, deformable: bool) -> torch.nn.Module:
+    import torchvision
+
+    from deformconv import deformify
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    if deformable:
+        deformify(model, last=3)
+    return model
+
+
+def run_models(
+    names: Sequence[str] = ("resnet50", "resnext50_32x4d"),
+    batch: int = 8,
+    size: int = 224,
+    threads: int = 2,
+    repeat: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Model-level rows: each torchvision model plain and with ``deformify(last=3)``.
+
+    Times a training step (forward, sum of the logits, backward; no optimizer) and
+    inference (``eval()``, ``no_grad``) on random ``(batch, 3, size, size)`` images, the two
+    variants taking turns in each round. Needs torchvision.
+
+    Returns:
+        ``{"batch", "size", "threads", "rows": [{"model", "ms": {...}}]}``; see
+        :func:`models_to_markdown`.
+    """
+    torch.set_num_threads(threads)
+    say = progress or (lambda line: None)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name in names:
+        models = {"plain": _model(name, False), "deformable": _model(name, True)}
+        row: dict[str, Any] = {"model": name, "ms": {}}
+        for label in ("train", "infer"):
+            steps: dict[str, Callable[[], None]] = {}
+            for variant, model in models.items():
+                if label == "train":
+                    model.train()
+
+                    def step(m: torch.nn.Module = model) -> None:
+                        m.zero_grad(set_to_none=True)
+                        m(x).sum().backward()
+                else:
+                    model.eval()
+
+                    def step(m: torch.nn.Module = model) -> None:
+                        with torch.no_grad():
+                            m(x)
+
+                steps[variant] = step
+            for variant, runs in _interleaved_ms(steps, repeat, warmup).items():
+                row["ms"][f"{variant} {label}"] = statistics.median(runs)
+                say(f"{name}: {variant} {label} {statistics.median(runs):.0f} ms")
+        rows.append(row)
+    return {"batch": batch, "size": size, "threads": threads, "repeat": repeat, "rows": rows}
+
+
+def models_to_markdown(result: dict[str, Any]) -> str:
+    """Model-level rows as a Markdown table (medians in ms)."""
+    lines = [
+        f"Batch {result['batch']} of {result['size']}×{result['size']} images, "
+        f"{result['threads']} threads, median of {result['repeat']} interleaved runs; "
+        "deformable = `deformify(model, last=3)`.",
+        "",
+        "| model | train step plain | deformable | ratio | inference plain | deformable | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ms = r["ms"]
+        cells = [r["model"]]
+        for label in ("train", "infer"):
+            plain, deform = ms[f"plain {label}"], ms[f"deformable {label}"]
+            cells += [f"{plain:.0f}", f"{deform:.0f}", f"{deform / plain:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,12 @@
 """The benchmark shape suite: the one definition shared by the CPU and GPU benchmarks.
 
 Each case is one deformable layer; offsets are random (std 1 px) so the bilinear gather
-does real work, and the plain ``F.conv2d`` on the same shapes is the floor every ratio is
-measured against.
+does real work, and the plain ``F.conv2d`` on the same shapes (and groups) is the floor
+every ratio is measured against.
+
+:data:`SUITE` holds the dense layers of a ResNet-50 and a detection head; :data:`GROUPED`
+the grouped layers of a ResNeXt-50 (32x4d: ``groups = 32``) and depthwise layers
+(``groups = C``); :data:`SUITES` names them for ``deformconv bench --suite``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["LARGE", "SUITE", "Case", "with_batch"]
+__all__ = ["GROUPED", "LARGE", "SUITE", "SUITES", "Case", "with_batch"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Case:
     offset_groups: int = 1
     modulated: bool = False
     kernel: int = 3
+    groups: int = 1
 
     @property
     def padding(self) -> int:
@@ -55,3 +60,19 @@ LARGE = Case("large B=32 C=256 56x56", 32, 256, 256, (56, 56))
 def with_batch(batch: int, cases: tuple[Case, ...] = SUITE) -> tuple[Case, ...]:
     """The suite at another batch size (the GPU benchmark adds batch 32, serving uses 1)."""
     return tuple(dataclasses.replace(c, batch=batch) for c in cases)
+
+
+GROUPED: tuple[Case, ...] = (
+    Case("ResNeXt res3 3x3, groups 32", 8, 256, 256, (28, 28), groups=32),
+    Case("ResNeXt res4 3x3, groups 32", 8, 512, 512, (14, 14), groups=32),
+    Case("depthwise 3x3, 64 ch", 8, 64, 64, (56, 56), groups=64),
+    Case("depthwise 3x3, 128 ch", 8, 128, 128, (56, 56), groups=128),
+)
+
+#: The suites by name (``deformconv bench --suite NAME``); ``-b1``: batch 1 (serving).
+SUITES: dict[str, tuple[Case, ...]] = {
+    "dense": SUITE,
+    "grouped": GROUPED,
+    "grouped-b1": with_batch(1, GROUPED),
+    "dense-b1": with_batch(1, SUITE[1:4]),  # serving: res4, res5, the detection layer
+}

@@ -12,6 +12,14 @@ HELP = "Time deform_conv2d against F.conv2d and torchvision on CPU; write a Mark
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this subcommand's options."""
+    from deformconv.bench.suite import SUITES
+
+    parser.add_argument(
+        "--suite",
+        action="append",
+        choices=sorted(SUITES),
+        help="layer suite to run; repeat for several (default: dense and grouped)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs (median; default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
@@ -25,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-first-call", action="store_true", help="skip the first-call (JIT) measurement"
     )
     parser.add_argument(
+        "--models",
+        action="store_true",
+        help="also time ResNet-50 and ResNeXt-50 (32x4d), plain and with deformify(last=3)",
+    )
+    parser.add_argument(
         "--large",
         action="store_true",
         help="also run B=32, C=256, 56x56 (conv2d and deformconv, 3 runs) with peak memory",
@@ -36,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from deformconv.bench import cpu as bench
-    from deformconv.bench.suite import LARGE
+    from deformconv.bench.suite import LARGE, SUITES
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
@@ -46,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
             "deformconv bench: --repeat and --threads must be >= 1 and --warmup >= 0; got "
             f"repeat={args.repeat}, threads={args.threads}, warmup={args.warmup}"
         )
+    names = args.suite or ["dense", "grouped"]
+    cases = [case for name in dict.fromkeys(names) for case in SUITES[name]]
     result = bench.run(
+        cases=cases,
         threads=args.threads,
         repeat=args.repeat,
         warmup=args.warmup,
@@ -71,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         text += "\nMemory check (3 runs after 1 warm-up, no torchvision):\n\n" + bench.to_markdown(
             large
         )
+    if args.models:
+        models = bench.run_models(threads=args.threads, progress=progress)
+        result["models"] = models
+        text += "\nModel level:\n\n" + bench.models_to_markdown(models)
     resolved = {k: v for k, v in vars(args).items() if k != "_run"}
     result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in resolved.items()}
     print(text)

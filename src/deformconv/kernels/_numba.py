@@ -478,6 +478,11 @@ def forward(
         (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype (computed in float64 for
         float64 inputs, float32 otherwise).
     """
+    from deformconv.kernels import _numba_direct  # narrow groups: direct, no column buffer
+
+    groups = input.shape[1] // weight.shape[1]
+    if _numba_direct.prefers_direct(input.shape[1], weight.shape[0], groups):
+        return _numba_direct.forward(input, offset, mask, weight, bias, stride, padding, dilation)
     _set_threads()
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     total = p.n * p.length
@@ -513,6 +518,7 @@ def backward(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    needs_grad: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """Gradients of a deformable convolution.
 
@@ -526,12 +532,19 @@ def backward(
         stride: (s_h, s_w).
         padding: (p_h, p_w).
         dilation: (d_h, d_w).
+        needs_grad: which of ``(input, offset, mask, weight, bias)`` need a gradient.
 
     Returns:
         ``(grad_input, grad_offset, grad_mask, grad_weight, grad_bias)`` with the shapes
         and dtypes of their arguments; ``grad_mask`` / ``grad_bias`` are None when
         ``mask`` / ``bias`` is None.
     """
+    from deformconv.kernels import _numba_direct  # narrow groups: direct, no column buffer
+
+    groups = input.shape[1] // weight.shape[1]
+    if _numba_direct.prefers_direct(input.shape[1], weight.shape[0], groups):
+        args = (grad_output, input, offset, mask, weight, bias, stride, padding, dilation)
+        return _numba_direct.backward(*args, needs_grad=needs_grad)
     _set_threads()
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     total = p.n * p.length

@@ -37,7 +37,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "offset_lr_mult": 1.0,
         "width": 64,
-        "canvas": 128,
+        "canvas": 96,
         "val_samples": 200,
         "test_samples": 300,
     },
@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--canvas",
         type=int,
         default=_default("canvas"),
-        help="canvas side in pixels: classify 64, segment 128",
+        help="canvas side in pixels: classify 64, segment 96",
     )
     parser.add_argument("--scale-min", type=float, default=0.5)
     parser.add_argument("--scale-max", type=float, default=2.5)
@@ -150,10 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: --seed",
     )
     seg.add_argument(
-        "--digits-per-scene", type=_pair, default=(2, 6), help="LOW,HIGH digits per scene"
+        "--digits-per-scene", type=_pair, default=(2, 4), help="LOW,HIGH digits per scene"
     )
     seg.add_argument(
-        "--height-range", type=_pair, default=(10, 110), help="LOW,HIGH digit height in pixels"
+        "--height-range", type=_pair, default=(10, 77), help="LOW,HIGH digit height in pixels"
     )
     seg.add_argument(
         "--base-dilation", type=int, default=2, help="dilation of the head's 3x3 convs"

@@ -137,8 +137,9 @@ def naive_deform_roi_pool(
         if not aligned:
             rw, rh = max(rw, 1.0), max(rh, 1.0)
         bh, bw = rh / oh, rw / ow
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / oh)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / ow)
+        # The adaptive grid stops at 512 samples per RoI side: max(1, 512 // out) per bin.
+        gh = sampling_ratio if sampling_ratio > 0 else min(math.ceil(rh / oh), max(1, 512 // oh))
+        gw = sampling_ratio if sampling_ratio > 0 else min(math.ceil(rw / ow), max(1, 512 // ow))
         count = max(gh * gw, 1)
         for i in range(oh):
             for j in range(ow):

@@ -75,9 +75,9 @@ def _brute_force(layers, unit, sample=0):
 @pytest.mark.parametrize("modulated", [False, True])
 def test_tracing_matches_brute_force(modulated):
     layers = nn.Sequential(
-        DeformConv2d(2, 3, 3, padding=1, modulated=modulated),
-        DeformConv2d(3, 3, 3, stride=2, padding=2, dilation=2, modulated=modulated),
-        DeformConv2d(3, 2, (2, 3), padding=(0, 1), modulated=modulated),
+        DeformConv2d(2, 3, 3, padding=1, modulated=modulated, record=True),
+        DeformConv2d(3, 3, 3, stride=2, padding=2, dilation=2, modulated=modulated, record=True),
+        DeformConv2d(3, 2, (2, 3), padding=(0, 1), modulated=modulated, record=True),
     )
     for layer in layers:
         _randomise_offsets(layer)
@@ -92,7 +92,7 @@ def test_tracing_matches_brute_force(modulated):
 
 def test_tracing_729_points_and_plain_convs_count_as_zero_offsets():
     convs = [nn.Conv2d(1, 1, 3, padding=1) for _ in range(3)]
-    deform = [DeformConv2d.from_conv(c) for c in convs]
+    deform = [DeformConv2d.from_conv(c, record=True) for c in convs]
     nn.Sequential(*deform)(torch.randn(1, 1, 10, 10))
     p_deform, _ = trace_sampling_locations(deform, unit=(5, 5))
     p_mixed, _ = trace_sampling_locations([convs[0], convs[1], deform[2]], unit=(5, 5))
@@ -105,7 +105,7 @@ def test_tracing_729_points_and_plain_convs_count_as_zero_offsets():
 
 
 def test_tracing_errors():
-    layer = DeformConv2d(1, 1, 3, padding=1)
+    layer = DeformConv2d(1, 1, 3, padding=1, record=True)
     with pytest.raises(ValueError, match="run a forward pass first"):
         trace_sampling_locations([layer], unit=(0, 0))
     layer(torch.randn(1, 1, 4, 4))
@@ -173,7 +173,7 @@ def test_random_offsets_match_brute_force():
 
 
 def test_layer_effective_dilation_and_errors():
-    layer = DeformConv2d(2, 2, 3, padding=2, dilation=2)
+    layer = DeformConv2d(2, 2, 3, padding=2, dilation=2, record=True)
     _randomise_offsets(layer)
     layer(torch.randn(1, 2, 5, 5))
     torch.testing.assert_close(

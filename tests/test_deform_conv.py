@@ -220,3 +220,48 @@ def test_property_matches_naive_loop(
         torch.testing.assert_close(
             out, expected, **TOL[torch.float64], msg=lambda m, b=backend: f"{b}: {m}"
         )
+
+
+# The checks of torchvision's own deformable-convolution tests, on the compat module: the
+# layer's forward with and without mask (batch 0 and an odd batch, non-contiguous weight),
+# and wrongly sized offsets/masks in a call whose dtype is wrong too.
+def _torchvision_style_problem(batch, dtype=torch.float64):
+    # in 6, out 2, kernel (3, 2), groups 2, offset groups 3, stride (2, 1), padding (1, 0),
+    # dilation (2, 1), input 10x12 -> output 4x11.
+    x = torch.rand(batch, 6, 10, 12, dtype=dtype)
+    offset = torch.randn(batch, 3 * 2 * 6, 4, 11, dtype=dtype)
+    mask = torch.rand(batch, 3 * 6, 4, 11, dtype=dtype)
+    return x, offset, mask
+
+
+@pytest.mark.parametrize("batch", [0, 33])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_compat_layer_like_torchvision_tests(backend, batch, contiguous):
+    tv_ops = pytest.importorskip("torchvision.ops")
+    from deformconv.compat.torchvision import DeformConv2d as CompatDeformConv2d
+
+    kwargs = {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "groups": 2}
+    theirs = tv_ops.DeformConv2d(6, 2, (3, 2), **kwargs).double()
+    ours = CompatDeformConv2d(6, 2, (3, 2), **kwargs).double()
+    ours.load_state_dict(theirs.state_dict())
+    if not contiguous:
+        ours.weight.data = ours.weight.data.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    x, offset, mask = _torchvision_style_problem(batch)
+    with deformconv.use_backend(backend):
+        torch.testing.assert_close(
+            ours(x, offset, mask), theirs(x, offset, mask), **TOL[torch.float64]
+        )
+        torch.testing.assert_close(ours(x, offset), theirs(x, offset), **TOL[torch.float64])
+
+
+def test_wrong_sizes_like_torchvision_tests():
+    from deformconv.compat.torchvision import DeformConv2d as CompatDeformConv2d
+
+    layer = CompatDeformConv2d(
+        6, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2
+    )
+    x, offset, mask = _torchvision_style_problem(10)  # float64 into a float32 layer
+    with pytest.raises(RuntimeError, match="the shape of the offset"):
+        layer(x, torch.rand_like(offset[:, :2]))
+    with pytest.raises(RuntimeError, match=r"mask.shape\[1\] is not valid"):
+        layer(x, offset, torch.rand_like(mask[:, :2]))

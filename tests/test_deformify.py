@@ -160,3 +160,62 @@ def test_circular_padding_is_rejected():
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be an nn.Module; got int"):
         deformconv.deformify(3)
+
+
+class _Conv2dSame(nn.Conv2d):
+    """Like timm's Conv2dSame: pads by the input's size in forward (TF 'SAME')."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        ph = max((-(ih // -self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
+        pw = max((-(iw // -self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation)
+
+
+def test_predicate_selects_by_name_and_module():
+    model = torchvision.models.resnet18()
+    converted = _assert_same_outputs(
+        model, torch.randn(1, 3, 64, 64),
+        predicate=lambda name, conv: name.startswith("layer3") and conv.stride == (1, 1),
+    )  # fmt: skip
+    assert converted.deformified == ["layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2"]
+
+
+def test_predicate_sees_only_spatial_plain_convs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Conv2dSame(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3))
+    seen = []
+    deformify(model, predicate=lambda name, conv: seen.append(name) or True)
+    assert seen == ["2"] and model.deformified == ["2"]
+
+
+def test_predicate_errors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="predicate selected no spatial nn.Conv2d"):
+        deformify(model, predicate=lambda name, conv: False)
+    with pytest.raises(ValueError, match="give names or predicate, not both"):
+        deformify(model, names=["0"], predicate=lambda name, conv: True)
+
+
+@pytest.mark.parametrize("kwargs", [{"last": 1}, {"names": ["1"]}])
+def test_conv_subclass_with_own_forward_is_refused(kwargs):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Conv2dSame(4, 4, 3, stride=2))
+    with pytest.raises(
+        TypeError, match="cannot convert '1'.*_Conv2dSame overrides nn.Conv2d's forward"
+    ):
+        deformify(model, **kwargs)
+    assert isinstance(model[1], _Conv2dSame)
+
+
+def test_conv_subclass_without_own_forward_is_converted():
+    class Tagged(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(Tagged(3, 4, 3, padding=1))
+    _assert_same_outputs(model, torch.randn(1, 3, 8, 8), last=1)
+
+
+def test_mask_activation_and_record_reach_the_new_layers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    deformify(model, last=2, modulated=True, mask_activation="sigmoid", record=True)
+    assert [(m.mask_activation, m.record) for m in model] == [("sigmoid", True)] * 2

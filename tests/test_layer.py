@@ -113,7 +113,7 @@ def test_repr_shows_non_default_arguments():
 
 
 def test_last_offset_and_mask_are_what_was_used(backend):
-    layer = DeformConv2d(4, 6, 3, padding=1, modulated=True, offset_groups=2).double()
+    layer = DeformConv2d(4, 6, 3, padding=1, modulated=True, offset_groups=2, record=True).double()
     nn.init.normal_(layer.conv_offset.weight, std=0.1)
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     with deformconv.use_backend(backend):
@@ -162,3 +162,55 @@ def test_tiny_model_trains(backend):
             losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model[0].conv_offset.weight.abs().sum() > 0
+
+
+def test_nothing_is_recorded_by_default():
+    layer = DeformConv2d(4, 6, 3, padding=1, modulated=True)
+    layer(torch.randn(2, 4, 7, 7))
+    assert layer.last_offset is None and layer.last_mask is None
+
+
+def test_recording_context_switches_every_layer_and_restores():
+    net = nn.Sequential(DeformConv2d(2, 2, 3, padding=1), DeformConv2d(2, 2, 3, padding=1))
+    net[1].record = True
+    with deformconv.recording(net):
+        assert [m.record for m in net] == [True, True]
+        net(torch.randn(1, 2, 5, 5))
+    assert [m.record for m in net] == [False, True]
+    assert net[0].last_offset.shape == (1, 18, 5, 5)
+    with deformconv.recording(net, enabled=False):
+        net(torch.randn(3, 2, 5, 5))
+    assert net[1].last_offset.shape[0] == 1  # not overwritten while disabled
+
+
+@pytest.mark.parametrize(("activation", "scale"), [("2sigmoid", 2.0), ("sigmoid", 1.0)])
+def test_mask_activation(activation, scale):
+    # The mask is scale * sigmoid(logits) of conv_offset's last G*K_h*K_w channels, written out.
+    layer = DeformConv2d(4, 6, 3, padding=1, modulated=True, mask_activation=activation).double()
+    nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    raw = F.conv2d(x, layer.conv_offset.weight, layer.conv_offset.bias, padding=1)
+    offset, mask = raw[:, :18], scale * torch.sigmoid(raw[:, 18:])
+    tv = pytest.importorskip("torchvision")
+    expected = tv.ops.deform_conv2d(x, offset, layer.weight, layer.bias, padding=1, mask=mask)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_fresh_layer_with_sigmoid_mask_computes_half_the_conv():
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    layer = DeformConv2d.from_conv(conv, modulated=True, mask_activation="sigmoid")
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(layer(x), 0.5 * conv(x), rtol=1e-5, atol=1e-5)
+    assert "mask_activation='sigmoid'" in repr(layer)
+
+
+def test_unknown_mask_activation_raises():
+    with pytest.raises(
+        ValueError, match=r"mask_activation must be one of \('2sigmoid', 'sigmoid'\)"
+    ):
+        DeformConv2d(2, 2, 3, modulated=True, mask_activation="relu")
+
+
+def test_input_channel_mismatch_is_also_a_runtime_error():
+    with pytest.raises(RuntimeError, match="input must have in_channels=2 channels; got 3"):
+        DeformConv2d(2, 2, 3)(torch.randn(1, 3, 5, 5))

@@ -15,6 +15,7 @@ import torch
 import deformconv
 from _references import naive_deform_roi_pool
 from deformconv import DeformRoIPool2d, deform_ps_roi_pool, deform_roi_pool
+from deformconv.ops._errors import ArgumentError
 
 F64 = torch.float64
 
@@ -109,8 +110,8 @@ def test_offset_channel_0_is_x_and_scales_with_roi_width():
 @pytest.mark.parametrize("position_sensitive", [False, True])
 def test_gradcheck(backend, position_sensitive):
     out_size = (2, 2)
-    c = 2 * 4 if position_sensitive else 3
-    x = torch.randn(2, c, 6, 7, dtype=F64, requires_grad=True)
+    c = 1 * 4 if position_sensitive else 2
+    x = torch.randn(2, c, 5, 6, dtype=F64, requires_grad=True)
     rois = torch.tensor(
         [[0, 1.3, 2.2, 20.1, 17.7], [1, -3.1, 4.3, 12.9, 30.2], [1, 8.7, 0.6, 9.9, 2.3]],
         dtype=F64,
@@ -126,16 +127,21 @@ def test_gradcheck(backend, position_sensitive):
         assert torch.autograd.gradcheck(f, (x, offset, mask))
 
 
-def test_gradgradcheck_reference():
-    x = torch.randn(1, 2, 5, 6, dtype=F64, requires_grad=True)
+@pytest.mark.parametrize("position_sensitive", [False, True])
+def test_gradgradcheck(backend, position_sensitive):
+    # The hand-written backward is itself differentiable: eagerly on the reference, and
+    # through the backward op's autograd formula on the other backends.
+    x = torch.randn(1, 4 if position_sensitive else 2, 5, 6, dtype=F64, requires_grad=True)
     rois = torch.tensor([[0, 1.3, 2.2, 18.1, 15.7], [0, 3.1, 0.3, 12.9, 9.2]], dtype=F64)
     offset = (0.3 * torch.randn(2, 2, 2, 2, dtype=F64)).requires_grad_()
+    mask = torch.rand(2, 1, 2, 2, dtype=F64, requires_grad=True)
+    fn = deform_ps_roi_pool if position_sensitive else deform_roi_pool
 
-    def f(x, offset):
-        return deform_roi_pool(x, rois, offset, 2, 0.25, 2, 0.5)
+    def f(x, offset, mask):
+        return fn(x, rois, offset, 2, 0.25, 2, 0.5, mask=mask)
 
-    with deformconv.use_backend("reference"):
-        assert torch.autograd.gradgradcheck(f, (x, offset))
+    with deformconv.use_backend(backend):
+        assert torch.autograd.gradgradcheck(f, (x, offset, mask))
 
 
 @pytest.mark.parametrize("position_sensitive", [False, True])
@@ -218,6 +224,7 @@ def test_fresh_module_equals_roi_align(backend, modulated, aligned):
     ).double()
     x = torch.randn(2, 5, 10, 12, dtype=F64)
     rois = _rois(8, 2, (48.0, 40.0))
+    pool.record = True
     with deformconv.use_backend(backend):
         out = pool(x, rois)
     expected = tv.ops.roi_align(x, rois, (3, 4), 0.25, 0, aligned)
@@ -227,8 +234,65 @@ def test_fresh_module_equals_roi_align(backend, modulated, aligned):
         assert torch.equal(pool.last_mask, torch.ones(8, 1, 3, 4, dtype=F64))
 
 
-def test_module_trains_its_offset_predictor_and_equals_function(backend):
+def test_module_records_nothing_by_default():
     pool = DeformRoIPool2d(2, 0.5, in_channels=3, hidden_features=8, modulated=True)
+    pool(torch.randn(1, 3, 6, 6), torch.tensor([[0, 1.0, 1, 9, 9]]))
+    assert pool.last_offset is None and pool.last_mask is None
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_sigmoid_mask_activation_is_mmcvs_modulation(backend, modulated):
+    # mmcv's ModulatedDeformRoIPoolPack, written out: RoIAlign -> offset_fc -> offsets;
+    # mask_fc -> sigmoid -> mask; deform_roi_pool(..., offset) * mask. A fresh module halves
+    # RoIAlign.
+    tv = pytest.importorskip("torchvision")
+    pool = DeformRoIPool2d(
+        2, 0.5, in_channels=3, hidden_features=8, modulated=modulated, mask_activation="sigmoid"
+    ).double()
+    x = torch.randn(2, 3, 8, 9, dtype=F64)
+    rois = _rois(6, 2, (18.0, 16.0))
+    expected = tv.ops.roi_align(x, rois, 2, 0.5, 0, True) * (0.5 if modulated else 1.0)
+    with deformconv.use_backend(backend):
+        torch.testing.assert_close(pool(x, rois), expected, atol=1e-12, rtol=1e-12)
+        with torch.no_grad():
+            for p in pool.parameters():
+                p.normal_(0, 0.1)
+            out = pool(x, rois)
+        features = tv.ops.roi_align(x, rois, 2, 0.5, 0, True).reshape(6, -1)
+        offset = pool.offset_fc(features).reshape(6, 2, 2, 2)
+        mask = torch.sigmoid(pool.mask_fc(features)).reshape(6, 1, 2, 2) if modulated else None
+    reference = naive_deform_roi_pool(x, rois, offset, (2, 2), 0.5, 0, 0.1, True, mask)
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-12)
+
+
+def test_mask_activation_is_validated():
+    with pytest.raises(
+        ValueError, match=r"mask_activation must be one of \('2sigmoid', 'sigmoid'\)"
+    ):
+        DeformRoIPool2d(2, 1.0, in_channels=2, modulated=True, mask_activation="relu")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated
+@pytest.mark.parametrize("modulated", [False, True])
+def test_module_scripts_and_equals_eager(backend, modulated):
+    pool = DeformRoIPool2d(
+        (2, 3), 0.5, in_channels=3, hidden_features=8, modulated=modulated,
+        mask_activation="sigmoid" if modulated else "2sigmoid",
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.normal_(0, 0.1)
+    scripted = torch.jit.script(pool)
+    x = torch.randn(2, 3, 8, 9)
+    rois = _rois(6, 2, (18.0, 16.0), dtype=torch.float32)
+    with deformconv.use_backend(backend):
+        torch.testing.assert_close(scripted(x, rois), pool(x, rois), atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match=r"rois\[:, 0\] \(batch index\) must be integers"):
+            scripted(x, rois + torch.tensor([5.0, 0, 0, 0, 0]))
+
+
+def test_module_trains_its_offset_predictor_and_equals_function(backend):
+    pool = DeformRoIPool2d(2, 0.5, in_channels=3, hidden_features=8, modulated=True, record=True)
     x = torch.randn(2, 3, 8, 9)
     rois = _rois(6, 2, (18.0, 16.0), dtype=torch.float32)
     with deformconv.use_backend(backend):
@@ -275,7 +339,9 @@ def test_module_bad_hyper_parameters(kwargs, error, match):
 
 def test_module_wrong_channels():
     pool = DeformRoIPool2d(2, 1.0, in_channels=4, hidden_features=8)
-    with pytest.raises(ValueError, match="in_channels=4 channels; got 3"):
+    with pytest.raises(
+        ArgumentError, match=r"in_channels=4, H_in, W_in\); got shape \(1, 3, 5, 5\)"
+    ):
         pool(torch.randn(1, 3, 5, 5), torch.tensor([[0, 0, 0, 3, 3.0]]))
 
 
@@ -300,29 +366,31 @@ def _call(fn=deform_roi_pool, **changes):
 BAD = {
     "input_not_tensor": ({"input": [1.0]}, TypeError, "deform_roi_pool: input must be a torch.Tensor"),
     "input_int": ({"input": torch.ones(2, 8, 6, 7, dtype=torch.int64)}, TypeError, "input must be a floating-point"),
-    "input_3d": ({"input": torch.randn(8, 6, 7)}, ValueError, "input must be 4-D; got 3-D"),
-    "empty_map": ({"input": torch.randn(2, 8, 0, 7)}, ValueError, r"non-empty map \(H_in, W_in >= 1\); got \(0, 7\)"),
-    "rois_1d": ({"rois": torch.zeros(5)}, ValueError, "rois must be 2-D; got 1-D"),
-    "rois_k4": ({"rois": torch.zeros(2, 4)}, ValueError, r"rois must have shape \(K, 5\) as \[batch_index, x1, y1, x2, y2\]; got \(2, 4\)"),
-    "rois_dtype": ({"rois": torch.zeros(2, 5, dtype=F64)}, ValueError, "rois must have the input's dtype torch.float32; got torch.float64"),
-    "rois_device": ({"rois": torch.zeros(2, 5, device="meta")}, ValueError, "rois must be on the input's device cpu; got meta"),
-    "batch_index_high": ({"rois": torch.tensor([[0, 1.0, 1, 5, 5], [2, 0, 0, 3, 4]])}, ValueError, r"rois\[:, 0\] \(batch index\) must be integers in \[0, N\) with N=2; got 2.0 at row 1"),
-    "batch_index_negative": ({"rois": torch.tensor([[-1, 1.0, 1, 5, 5], [0, 0, 0, 3, 4]])}, ValueError, "got -1.0 at row 0"),
-    "batch_index_fraction": ({"rois": torch.tensor([[0, 1.0, 1, 5, 5], [0.5, 0, 0, 3, 4]])}, ValueError, "got 0.5 at row 1"),
-    "batch_index_nan": ({"rois": torch.tensor([[math.nan, 1.0, 1, 5, 5], [0, 0, 0, 3, 4]])}, ValueError, "got nan at row 0"),
-    "offset_shape": ({"offset": torch.zeros(2, 2, 3, 3)}, ValueError, r"offset must have shape \(K, 2, out_h, out_w\)=\(2, 2, 2, 2\); got \(2, 2, 3, 3\)"),
-    "offset_k": ({"offset": torch.zeros(3, 2, 2, 2)}, ValueError, r"offset must have shape .* got \(3, 2, 2, 2\)"),
-    "offset_dtype": ({"offset": torch.zeros(2, 2, 2, 2, dtype=F64)}, ValueError, "offset must have the input's dtype"),
-    "mask_shape": ({"mask": torch.ones(2, 2, 2, 2)}, ValueError, r"mask must have shape \(K, 1, out_h, out_w\)=\(2, 1, 2, 2\); got \(2, 2, 2, 2\)"),
-    "mask_device": ({"mask": torch.ones(2, 1, 2, 2, device="meta")}, ValueError, "mask must be on the input's device"),
-    "output_size_zero": ({"output_size": (2, 0)}, ValueError, r"output_size must be positive; got \(2, 0\)"),
+    "input_3d": ({"input": torch.randn(8, 6, 7)}, ArgumentError, "input must be 4-D; got 3-D"),
+    "empty_map": ({"input": torch.randn(2, 8, 0, 7)}, ArgumentError, r"non-empty map \(H_in, W_in >= 1\); got \(0, 7\)"),
+    "rois_1d": ({"rois": torch.zeros(5)}, ArgumentError, "rois must be 2-D; got 1-D"),
+    "rois_k4": ({"rois": torch.zeros(2, 4)}, ArgumentError, r"rois must have shape \(K, 5\) as \[batch_index, x1, y1, x2, y2\]; got \(2, 4\)"),
+    "rois_dtype": ({"rois": torch.zeros(2, 5, dtype=F64)}, ArgumentError, "rois must have the input's dtype torch.float32; got torch.float64"),
+    "rois_device": ({"rois": torch.zeros(2, 5, device="meta")}, ArgumentError, "rois must be on the input's device cpu; got meta"),
+    "batch_index_high": ({"rois": torch.tensor([[0, 1.0, 1, 5, 5], [2, 0, 0, 3, 4]])}, ArgumentError, r"rois\[:, 0\] \(batch index\) must be integers in \[0, N\) with N=2; got 2.0 at row 1"),
+    "batch_index_negative": ({"rois": torch.tensor([[-1, 1.0, 1, 5, 5], [0, 0, 0, 3, 4]])}, ArgumentError, "got -1.0 at row 0"),
+    "batch_index_fraction": ({"rois": torch.tensor([[0, 1.0, 1, 5, 5], [0.5, 0, 0, 3, 4]])}, ArgumentError, "got 0.5 at row 1"),
+    "batch_index_nan": ({"rois": torch.tensor([[math.nan, 1.0, 1, 5, 5], [0, 0, 0, 3, 4]])}, ArgumentError, "got nan at row 0"),
+    "offset_shape": ({"offset": torch.zeros(2, 2, 3, 3)}, ArgumentError, r"offset must have shape \(K, 2, out_h, out_w\)=\(2, 2, 2, 2\); got \(2, 2, 3, 3\)"),
+    "offset_k": ({"offset": torch.zeros(3, 2, 2, 2)}, ArgumentError, r"offset must have shape .* got \(3, 2, 2, 2\)"),
+    "offset_dtype": ({"offset": torch.zeros(2, 2, 2, 2, dtype=F64)}, ArgumentError, "offset must have the input's dtype"),
+    "mask_shape": ({"mask": torch.ones(2, 2, 2, 2)}, ArgumentError, r"mask must have shape \(K, 1, out_h, out_w\)=\(2, 1, 2, 2\); got \(2, 2, 2, 2\)"),
+    "mask_device": ({"mask": torch.ones(2, 1, 2, 2, device="meta")}, ArgumentError, "mask must be on the input's device"),
+    "output_size_zero": ({"output_size": (2, 0)}, ArgumentError, r"output_size must be positive; got \(2, 0\)"),
     "output_size_float": ({"output_size": 2.5}, TypeError, "output_size must be an int or a tuple of two ints"),
-    "scale_zero": ({"spatial_scale": 0.0}, ValueError, "spatial_scale must be positive; got 0.0"),
-    "scale_negative": ({"spatial_scale": -0.5}, ValueError, "spatial_scale must be positive; got -0.5"),
-    "scale_nan": ({"spatial_scale": math.nan}, ValueError, "spatial_scale must be finite"),
+    "scale_zero": ({"spatial_scale": 0.0}, ArgumentError, "spatial_scale must be positive; got 0.0"),
+    "scale_negative": ({"spatial_scale": -0.5}, ArgumentError, "spatial_scale must be positive; got -0.5"),
+    "scale_nan": ({"spatial_scale": math.nan}, ArgumentError, "spatial_scale must be finite"),
     "scale_str": ({"spatial_scale": "1"}, TypeError, "spatial_scale must be a real number"),
     "sampling_ratio_float": ({"sampling_ratio": 1.5}, TypeError, "sampling_ratio must be an int"),
-    "gamma_inf": ({"gamma": math.inf}, ValueError, "gamma must be finite"),
+    "gamma_inf": ({"gamma": math.inf}, ArgumentError, "gamma must be finite"),
+    "sampling_ratio_huge": ({"sampling_ratio": 513}, ArgumentError, "sampling_ratio must be at most 512"),
+    "offset_shape_before_dtype": ({"offset": torch.zeros(2, 2, 3, 3, dtype=F64)}, ArgumentError, r"offset must have shape .* got \(2, 2, 3, 3\)"),
     "aligned_int": ({"aligned": 1}, TypeError, "aligned must be a bool"),
 }  # fmt: skip
 
@@ -331,6 +399,15 @@ BAD = {
 def test_bad_input_raises(case):
     changes, error, match = BAD[case]
     with pytest.raises(error, match=match):
+        _call(**changes)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, error, _) in BAD.items() if error is ArgumentError])
+@pytest.mark.parametrize("caught", [ValueError, RuntimeError])
+def test_shape_errors_are_caught_as_value_and_runtime_error(case, caught):
+    # torchvision's roi_align raises RuntimeError for these; we document ValueError.
+    changes, _, match = BAD[case]
+    with pytest.raises(caught, match=match):
         _call(**changes)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deformconv import deform_conv2d
+from deformconv.ops._errors import ArgumentError, ArgumentTypeError
 
 X = torch.randn(2, 4, 8, 8)
 W = torch.randn(6, 4, 3, 3)
@@ -30,15 +31,18 @@ CASES = [
     ({"offset": OFF[0]}, ValueError, "offset must be 4-D; got 3-D"),
     ({"weight": W[0]}, ValueError, "weight must be 4-D; got 3-D"),
     ({"offset": torch.zeros(2, 17, 6, 6)}, ValueError,
-     "offset must have 2*G*K_h*K_w channels for some G dividing C_in=4 (K_h*K_w=9); got 17"),
+     "the shape of the offset tensor at dimension 1 is not valid: offset must have 2*G*K_h*K_w "
+     "channels for some G dividing C_in=4 (K_h*K_w=9); got 17"),
     ({"offset": torch.zeros(2, 54, 6, 6)}, ValueError,
-     "offset must have 2*G*K_h*K_w channels for some G dividing C_in=4 (K_h*K_w=9); got 54"),
+     "the shape of the offset tensor at dimension 1 is not valid: offset must have 2*G*K_h*K_w "
+     "channels for some G dividing C_in=4 (K_h*K_w=9); got 54"),
     ({"offset": torch.zeros(2, 18, 5, 6)}, ValueError,
      "offset must have the output's spatial size (H_out, W_out)=(6, 6); got (5, 6)"),
     ({"offset": torch.zeros(3, 18, 6, 6)}, ValueError,
      "offset must have the input's batch size N=2; got 3"),
     ({"mask": torch.ones(2, 18, 6, 6)}, ValueError,
-     "mask must have G*K_h*K_w=1*9=9 channels (G=1 from offset); got 18"),
+     "mask.shape[1] is not valid: mask must have G*K_h*K_w=1*9=9 channels (G=1 from offset); "
+     "got 18"),
     ({"mask": torch.ones(2, 9, 6, 7)}, ValueError,
      "mask must have the output's spatial size (H_out, W_out)=(6, 6); got (6, 7)"),
     ({"mask": torch.ones(1, 9, 6, 6)}, ValueError, "mask must have the input's batch size N=2; got 1"),
@@ -66,6 +70,45 @@ CASES = [
 @pytest.mark.parametrize(("overrides", "error", "message"), CASES, ids=[c[2][:50] for c in CASES])
 def test_bad_input_raises(overrides, error, message):
     with pytest.raises(error, match="^deform_conv2d: " + re.escape(message)):
+        call(**overrides)
+
+
+# torchvision raises RuntimeError for every mistake in a tensor's values, sizes or dtype
+# kind; only a non-tensor argument or a malformed stride/padding/dilation is a TypeError.
+PLAIN_TYPE_ERRORS = {"input must be a torch.Tensor", "stride must be an int or a tuple",
+                     "padding must be an int or a tuple", "dilation must be an int or a tuple"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), CASES, ids=[c[2][:50] for c in CASES])
+def test_bad_input_is_also_a_runtime_error(overrides, error, message):
+    if any(message.startswith(m) for m in PLAIN_TYPE_ERRORS):
+        with pytest.raises(TypeError) as info:
+            call(**overrides)
+        assert not isinstance(info.value, RuntimeError)
+    else:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call(**overrides)
+
+
+def test_error_classes():
+    assert issubclass(ArgumentError, ValueError) and issubclass(ArgumentError, RuntimeError)
+    assert issubclass(ArgumentTypeError, TypeError)
+    assert issubclass(ArgumentTypeError, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # A wrongly sized offset or mask in another dtype: the size is reported, as torchvision.
+        ({"input": X.double(), "offset": torch.zeros(2, 4, 6, 6, dtype=torch.float64)},
+         "the shape of the offset tensor at dimension 1 is not valid"),
+        ({"mask": torch.ones(2, 4, 6, 6, dtype=torch.float64)}, "mask.shape[1] is not valid"),
+        ({"offset": torch.zeros(3, 18, 6, 6, dtype=torch.float64)}, "offset must have the input's batch size"),
+        ({"bias": torch.zeros(5, dtype=torch.float64)}, "bias must have shape (C_out,)=(6,); got (5,)"),
+    ],
+)  # fmt: skip
+def test_sizes_are_checked_before_dtypes(overrides, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         call(**overrides)
 
 

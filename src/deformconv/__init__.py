@@ -7,10 +7,12 @@ Example:
     torch.Size([1, 8, 16, 16])
 """
 
-from deformconv.models import deformify
-from deformconv.nn import DeformConv2d, DeformRoIPool2d
+from deformconv.models import deformify, param_groups, recording
+from deformconv.nn import DCNv3, DCNv4, DeformConv2d, DeformRoIPool2d
 from deformconv.ops import (
     available_backends,
+    dcnv3,
+    dcnv4,
     deform_conv2d,
     deform_ps_roi_pool,
     deform_roi_pool,
@@ -21,14 +23,20 @@ from deformconv.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCNv3",
+    "DCNv4",
     "DeformConv2d",
     "DeformRoIPool2d",
     "__version__",
     "available_backends",
+    "dcnv3",
+    "dcnv4",
     "deform_conv2d",
     "deform_ps_roi_pool",
     "deform_roi_pool",
     "deformify",
     "get_backend",
+    "param_groups",
+    "recording",
     "use_backend",
 ]

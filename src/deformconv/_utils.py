@@ -29,6 +29,12 @@ def pair(value: object, name: str, where: str) -> tuple[int, int]:
         >>> pair((2, 1), "stride", "deform_conv2d")
         (2, 1)
     """
+    if type(value) is int:  # the common cases first, without the ABC checks below
+        return value, value
+    if isinstance(value, tuple | list) and len(value) == 2:
+        a, b = value[0], value[1]
+        if type(a) is int and type(b) is int:
+            return a, b
     items = tuple(value) if isinstance(value, tuple | list) else (value, value)
     ok = len(items) == 2 and all(
         isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items

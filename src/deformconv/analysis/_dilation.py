@@ -74,7 +74,7 @@ def layer_effective_dilation(layer: nn.Module) -> Tensor:
     Example:
         >>> import torch
         >>> from deformconv import DeformConv2d
-        >>> layer = DeformConv2d(4, 4, 3, padding=2, dilation=2)
+        >>> layer = DeformConv2d(4, 4, 3, padding=2, dilation=2, record=True)
         >>> _ = layer(torch.randn(2, 4, 8, 8))
         >>> d = layer_effective_dilation(layer)
         >>> d.shape, d.mean().item()
@@ -85,5 +85,7 @@ def layer_effective_dilation(layer: nn.Module) -> Tensor:
             f"layer_effective_dilation: layer must be a DeformConv2d; got {type(layer).__name__}"
         )
     if layer.last_offset is None:
-        raise ValueError("layer_effective_dilation: layer has no last_offset; run forward first")
+        raise ValueError(
+            "layer_effective_dilation: layer has no last_offset; run forward first (record=True)"
+        )
     return effective_dilation(layer.last_offset, layer.kernel_size, layer.dilation)

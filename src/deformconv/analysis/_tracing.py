@@ -62,7 +62,7 @@ def sampling_field(
     Example:
         >>> import torch
         >>> from deformconv import DeformConv2d
-        >>> layer = DeformConv2d(4, 4, 3, padding=1, modulated=True)
+        >>> layer = DeformConv2d(4, 4, 3, padding=1, modulated=True, record=True)
         >>> _ = layer(torch.randn(2, 4, 6, 6))
         >>> field = sampling_field(layer, sample=1)
         >>> field.offset.shape, field.mask.shape
@@ -71,7 +71,9 @@ def sampling_field(
     where = "sampling_field"
     if isinstance(layer, DeformConv2d):
         if layer.last_offset is None:
-            raise ValueError(f"{where}: layer has no last_offset; run a forward pass first")
+            raise ValueError(
+                f"{where}: layer has no last_offset; run a forward pass first (record=True)"
+            )
         offset, mask = layer.last_offset, layer.last_mask
         groups = layer.offset_groups
         kernel, stride, padding, dilation = (
@@ -158,7 +160,8 @@ def trace_sampling_locations(
     Example:
         >>> import torch
         >>> from deformconv import DeformConv2d
-        >>> net = torch.nn.Sequential(*[DeformConv2d(2, 2, 3, padding=1) for _ in range(3)])
+        >>> net = torch.nn.Sequential(*[DeformConv2d(2, 2, 3, padding=1, record=True)
+        ...                           for _ in range(3)])
         >>> _ = net(torch.randn(1, 2, 9, 9))
         >>> points, weights = trace_sampling_locations(list(net), unit=(4, 4))
         >>> points.shape, weights.shape

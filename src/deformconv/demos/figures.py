@@ -17,6 +17,7 @@ from deformconv.analysis import (
 )
 from deformconv.demos.cnn import DEFORMABLE_LAYERS, SmallCNN
 from deformconv.demos.digits import BUCKETS, ScaledDigits
+from deformconv.models import recording
 from deformconv.nn import DeformConv2d
 
 __all__ = [
@@ -123,7 +124,8 @@ def dilation_table(
     )
     device = next(model.parameters()).device
     for images, _, buckets, boxes in loader:
-        model(images.to(device))
+        with recording(model):
+            model(images.to(device))
         side = _offset(layers[0]).shape[-1]
         pos = torch.arange(side, dtype=torch.float32) * SmallCNN.stride
         y, x = pos[None, :, None], pos[None, None, :]
@@ -175,7 +177,7 @@ def dilation_markdown(rows: list[dict[str, Any]]) -> str:
 def _trace(model: nn.Module, image: Tensor, unit: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Trace ``unit`` through the model's three blocks (convs or deformable convs)."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), recording(model):
         features = model.stem(image[None].to(next(model.parameters()).device))  # type: ignore[operator]
         model.blocks(features)  # type: ignore[operator]
     return trace_sampling_locations(

@@ -37,6 +37,7 @@ from deformconv.demos.digits import load_digits
 from deformconv.demos.fcn import HEAD_LAYERS, VARIANTS, SegmentationFCN, build_segmenter
 from deformconv.demos.scenes import NUM_CLASSES, DigitScenes, Scene, collate_scenes
 from deformconv.demos.train import Distributed, TrainConfig, load_checkpoint
+from deformconv.models import recording
 from deformconv.nn import DeformConv2d
 
 __all__ = [
@@ -233,7 +234,8 @@ def dilation_table(
     regions: list[Tensor] = []
     stride = SegmentationFCN.stride
     for images, _, targets in _loader(scenes, batch_size):
-        model(images.to(device))
+        with recording(model):
+            model(images.to(device))
         size = images.shape[-2] // stride, images.shape[-1] // stride
         for target in targets:
             buckets = size_buckets(target["boxes"], terciles)
@@ -476,7 +478,7 @@ def trace_unit(model: nn.Module, image: Tensor, unit: tuple[int, int]) -> tuple[
         :func:`~deformconv.analysis.trace_sampling_locations`.
     """
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), recording(model):
         model(image[None].to(next(model.parameters()).device))
     size = image.shape[-2] // SegmentationFCN.stride, image.shape[-1] // SegmentationFCN.stride
     layers = [m for _, m in _head_layers(model)]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from deformconv.demos.digits import BUCKETS
+from deformconv.models import param_groups
 
 __all__ = [
     "Distributed",
@@ -97,26 +98,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    offsets, decay, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if "conv_offset" in name:
-            offsets.append(p)
-        elif p.dim() > 1:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": config.weight_decay, "lr_mult": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-    ]
-    if offsets:
-        groups.append({"params": offsets, "weight_decay": 0.0, "lr_mult": config.offset_lr_mult})
-    for g in groups:
-        g["lr"] = config.lr * g["lr_mult"]
-    return groups
-
-
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -184,7 +165,14 @@ def train(
     loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate_fn
     )
-    optimizer = torch.optim.AdamW(_param_groups(model, config))
+    optimizer = torch.optim.AdamW(
+        param_groups(
+            model,
+            lr=config.lr,
+            offset_lr_mult=config.offset_lr_mult,
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+    )
     total = config.epochs * len(loader)
     start_epoch, step, history = 0, 0, []
     if resume and checkpoint.exists():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from deformconv.nn import DeformConv2d
+from deformconv.nn.deform_conv import plain_forward
 
 __all__ = ["deformify", "spatial_convs"]
 
@@ -92,19 +93,29 @@ def deformify(
     *,
     last: int = 3,
     names: Sequence[str] | None = None,
+    predicate: Callable[[str, nn.Conv2d], bool] | None = None,
     offset_groups: int = 1,
     modulated: bool = False,
+    mask_activation: str = "2sigmoid",
+    record: bool = False,
     example_input: Tensor | None = None,
 ) -> nn.Module:
     """Convert convolutions of ``model`` into :class:`~deformconv.DeformConv2d`, in place.
 
     Selects the last ``last`` spatial (kernel larger than 1x1) convolutions in forward
     order (see :func:`spatial_convs` for how forward order is found, with or without
-    ``example_input``), or exactly the modules named in ``names``. Each one is replaced
+    ``example_input``), every spatial convolution for which ``predicate(name, conv)``
+    is true, or exactly the modules named in ``names``. Each one is replaced
     by ``DeformConv2d.from_conv(conv)``: same weights, bias, stride, padding, dilation
     and groups, same device, dtype and training mode, and a zero-initialised offset
     predictor, so the converted model computes exactly what it computed before until it
-    is trained. A convolution shared by several parents is replaced everywhere.
+    is trained (with the default ``mask_activation``). A convolution shared by several
+    parents is replaced everywhere.
+
+    ``nn.Conv2d`` subclasses that override ``forward`` or ``_conv_forward`` (timm's
+    ``Conv2dSame``, which pads by the input's size; weight-standardised convolutions)
+    compute something a ``DeformConv2d`` would not: selecting one raises ``TypeError``,
+    and ``predicate`` never sees them (choose others with ``names`` or ``predicate``).
 
     What was converted is reported twice: logged at INFO level on the ``deformconv``
     logger, and attached to the returned model as ``model.deformified``, a list of the
@@ -114,11 +125,16 @@ def deformify(
         model: any ``nn.Module`` (e.g. a torchvision ResNet: ``last=3`` picks
             ``layer4.0.conv2``, ``layer4.1.conv2``, ``layer4.2.conv2``, the paper's res5a-c).
         last: how many of the last spatial convolutions to convert (ignored when ``names``
-            is given).
+            or ``predicate`` is given).
         names: qualified module names (as in ``model.named_modules()``) of the
             ``nn.Conv2d`` layers to convert.
+        predicate: ``predicate(name, conv) -> bool`` over the spatial, plain
+            ``nn.Conv2d`` layers (qualified name and module); those it accepts are
+            converted. Not together with ``names``.
         offset_groups: G of the new layers; must divide each converted layer's C_in.
         modulated: make the new layers modulated (DCNv2).
+        mask_activation: of the new layers; see :class:`~deformconv.DeformConv2d`.
+        record: of the new layers; see :class:`~deformconv.DeformConv2d`.
         example_input: optional input used to find forward order with hooks.
 
     Returns:
@@ -126,10 +142,11 @@ def deformify(
         convolution converted (as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or a named module is not an
-            ``nn.Conv2d``.
+        TypeError: ``model`` is not an ``nn.Module``, a named module is not an
+            ``nn.Conv2d``, or a selected one overrides ``nn.Conv2d``'s forward.
         ValueError: ``last`` is not a positive int, the model has fewer than ``last``
-            spatial convolutions, a name does not exist, or a convolution cannot be
+            spatial convolutions, a name does not exist, ``predicate`` selects nothing
+            or comes with ``names``, or a convolution cannot be
             converted (non-zero ``padding_mode``, ``offset_groups`` not dividing C_in).
 
     Example:
@@ -149,10 +166,20 @@ def deformify(
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module; got {type(model).__name__}")
     modules = dict(model.named_modules(remove_duplicate=False))
-    if names is not None:
+    if names is not None and predicate is not None:
+        raise ValueError(f"{where}: give names or predicate, not both")
+    if predicate is not None:
+        selected = [
+            name
+            for name in spatial_convs(model, example_input)
+            if plain_forward(modules[name]) and predicate(name, modules[name])  # type: ignore[arg-type]
+        ]
+        if not selected:
+            raise ValueError(f"{where}: predicate selected no spatial nn.Conv2d of model")
+    elif names is not None:
         if isinstance(names, str):
             raise TypeError(f"{where}: names must be a sequence of module names; got a str")
-        selected: list[str] = []
+        selected = []
         for name in names:
             if name not in modules:
                 raise ValueError(f"{where}: names has {name!r}, which is not a module of model")
@@ -186,6 +213,8 @@ def deformify(
                     conv,  # type: ignore[arg-type]
                     offset_groups=offset_groups,
                     modulated=modulated,
+                    mask_activation=mask_activation,
+                    record=record,
                 )
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{where}: cannot convert {name!r}: {err}") from err

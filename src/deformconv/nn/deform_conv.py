@@ -9,9 +9,14 @@ from torch import Tensor, nn
 
 from deformconv._utils import IntPair, pair
 from deformconv.ops import deform_conv2d
+from deformconv.ops._errors import ArgumentError
 from deformconv.ops._validation import check_tensor
 
-__all__ = ["DeformConv2d"]
+__all__ = ["MASK_ACTIVATIONS", "DeformConv2d"]
+
+#: The mask activations a modulated layer offers: ``"2sigmoid"`` (``2·sigmoid(logits)``,
+#: 1 at initialisation) and ``"sigmoid"`` (``sigmoid(logits)``, as mmcv and detectron2).
+MASK_ACTIVATIONS = ("2sigmoid", "sigmoid")
 
 
 class DeformConv2d(nn.Module):
@@ -23,12 +28,19 @@ class DeformConv2d(nn.Module):
     (3·G·K_h·K_w when modulated: offsets first, then mask logits).
 
     ``conv_offset`` starts at zero, so a fresh layer computes exactly the plain
-    convolution with the same ``weight`` and ``bias``. The mask is
-    ``2·sigmoid(logits)``: 1 at initialisation (again the plain convolution),
-    free to range over (0, 2) as training weights taps down or up.
+    convolution with the same ``weight`` and ``bias``.
 
-    After each forward (outside torch.compile), ``last_offset`` and ``last_mask``
-    hold the detached offsets and mask that were used, for analysis and plots.
+    The mask is ``mask_activation(logits)``. The default, ``"2sigmoid"``
+    (``2·sigmoid(logits)``), is 1 at initialisation, so a fresh or converted layer is
+    again exactly the plain convolution, and it ranges over (0, 2), free to weight taps
+    down or up. ``"sigmoid"`` is the DCNv2 paper's, mmcv's and detectron2's choice: 0.5
+    at initialisation (a fresh layer computes half the convolution) and at most 1; use
+    it to run weights trained with those libraries (see :mod:`deformconv.compat`).
+
+    With ``record=True`` (an attribute that can be switched at any time, or see
+    :func:`deformconv.recording`) each eager forward keeps the detached offsets and mask
+    it used in ``last_offset`` and ``last_mask``, for analysis and plots; by default
+    nothing is kept (``None``), so layers hold no activations between passes.
 
     Args:
         in_channels: C_in.
@@ -41,6 +53,8 @@ class DeformConv2d(nn.Module):
         bias: whether to add a learned bias.
         offset_groups: G, offset groups; divides C_in.
         modulated: predict a DCNv2 mask as well.
+        mask_activation: ``"2sigmoid"`` (default) or ``"sigmoid"``; see above.
+        record: keep the last forward's offsets and mask in ``last_offset``/``last_mask``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -52,7 +66,7 @@ class DeformConv2d(nn.Module):
     Example:
         >>> import torch
         >>> from deformconv import DeformConv2d
-        >>> layer = DeformConv2d(16, 32, 3, padding=1, modulated=True)
+        >>> layer = DeformConv2d(16, 32, 3, padding=1, modulated=True, record=True)
         >>> layer(torch.randn(2, 16, 20, 24)).shape
         torch.Size([2, 32, 20, 24])
         >>> layer.last_offset.shape, layer.last_mask.shape
@@ -61,6 +75,8 @@ class DeformConv2d(nn.Module):
 
     last_offset: Tensor | None
     last_mask: Tensor | None
+    # Eager-only state: TorchScript neither reads nor writes it.
+    __jit_ignored_attributes__ = ["last_offset", "last_mask"]
 
     def __init__(
         self,
@@ -75,11 +91,18 @@ class DeformConv2d(nn.Module):
         *,
         offset_groups: int = 1,
         modulated: bool = False,
+        mask_activation: str = "2sigmoid",
+        record: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         where = "DeformConv2d"
+        if mask_activation not in MASK_ACTIVATIONS:
+            raise ValueError(
+                f"{where}: mask_activation must be one of {MASK_ACTIVATIONS}; "
+                f"got {mask_activation!r}"
+            )
         self.kernel_size = pair(kernel_size, "kernel_size", where)
         self.stride = pair(stride, "stride", where)
         self.padding = pair(padding, "padding", where)
@@ -90,6 +113,7 @@ class DeformConv2d(nn.Module):
         )  # fmt: skip
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
+        self.mask_activation, self.record = mask_activation, record
         k_h, k_w = self.kernel_size
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, k_h, k_w, device=device, dtype=dtype)
@@ -131,35 +155,55 @@ class DeformConv2d(nn.Module):
             return out, None
         points = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         offset, logits = out.split([2 * points, points], dim=1)
+        if self.mask_activation == "sigmoid":
+            return offset, torch.sigmoid(logits)
         return offset, 2 * torch.sigmoid(logits)
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply the layer; see the class docstring for shapes."""
-        check_tensor("DeformConv2d", "input", input, 4)
-        if input.shape[1] != self.in_channels:
-            raise ValueError(
-                f"DeformConv2d: input must have in_channels={self.in_channels} channels; "
-                f"got {input.shape[1]}"
-            )
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            self._check_input(input)
         offset, mask = self.offset_and_mask(input)
-        if not torch.compiler.is_compiling():
-            self.last_offset = offset.detach()
-            self.last_mask = None if mask is None else mask.detach()
+        if not torch.jit.is_scripting():
+            self._record(offset, mask)
         return deform_conv2d(
             input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
         )
 
+    def _check_input(self, input: Tensor) -> None:
+        check_tensor("DeformConv2d", "input", input, 4)
+        if input.shape[1] != self.in_channels:
+            raise ArgumentError(
+                f"DeformConv2d: input must have in_channels={self.in_channels} channels; "
+                f"got {input.shape[1]}"
+            )
+
+    def _record(self, offset: Tensor, mask: Tensor | None) -> None:
+        if self.record and not torch.compiler.is_compiling():
+            self.last_offset = offset.detach()
+            self.last_mask = None if mask is None else mask.detach()
+
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, *, offset_groups: int = 1, modulated: bool = False
+        cls,
+        conv: nn.Conv2d,
+        *,
+        offset_groups: int = 1,
+        modulated: bool = False,
+        mask_activation: str = "2sigmoid",
+        record: bool = False,
     ) -> DeformConv2d:
         """Build a layer that computes what ``conv`` computes, with its weights and bias.
 
         Args:
             conv: an ``nn.Conv2d`` with zero padding (``padding_mode="zeros"``);
-                ``padding="same"`` needs odd effective kernel extents.
+                ``padding="same"`` needs odd effective kernel extents. Subclasses that
+                override ``forward`` (such as timm's ``Conv2dSame``, which pads by the
+                input's size) are refused: the layer would not compute what they compute.
             offset_groups: G for the new layer.
             modulated: predict a DCNv2 mask as well.
+            mask_activation: see the class docstring.
+            record: see the class docstring.
 
         Returns:
             A ``DeformConv2d`` on ``conv``'s device and dtype, in ``conv``'s training mode.
@@ -176,6 +220,12 @@ class DeformConv2d(nn.Module):
             raise TypeError(
                 f"DeformConv2d.from_conv: conv must be an nn.Conv2d; got {type(conv).__name__}"
             )
+        if not plain_forward(conv):
+            raise TypeError(
+                f"DeformConv2d.from_conv: {type(conv).__name__} overrides nn.Conv2d's forward, "
+                "so a DeformConv2d built from its weights would not compute what it computes; "
+                "convert plain nn.Conv2d layers only"
+            )
         if conv.padding_mode != "zeros":
             raise ValueError(
                 "DeformConv2d.from_conv: conv.padding_mode must be 'zeros'; "
@@ -188,6 +238,7 @@ class DeformConv2d(nn.Module):
             pair(conv.stride, "stride", where), padding, pair(conv.dilation, "dilation", where),
             conv.groups, conv.bias is not None,
             offset_groups=offset_groups, modulated=modulated,
+            mask_activation=mask_activation, record=record,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
         with torch.no_grad():
@@ -211,7 +262,22 @@ class DeformConv2d(nn.Module):
             s += f", offset_groups={self.offset_groups}"
         if self.modulated:
             s += ", modulated=True"
+            if self.mask_activation != "2sigmoid":
+                s += f", mask_activation={self.mask_activation!r}"
+        if self.record:
+            s += ", record=True"
         return s
+
+
+def plain_forward(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` computes what ``nn.Conv2d`` computes (no overridden forward).
+
+    Example:
+        >>> plain_forward(nn.Conv2d(2, 2, 3))
+        True
+    """
+    cls = type(conv)
+    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
 
 
 def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:

@@ -10,9 +10,14 @@ from torch import Tensor, nn
 
 from deformconv._utils import IntPair, pair
 from deformconv.ops import deform_roi_pool
-from deformconv.ops._validation import check_tensor
+from deformconv.ops._errors import ArgumentError
+from deformconv.ops._roi_library import deform_roi_pool_op  # noqa: F401  (registers the op)
 
-__all__ = ["DeformRoIPool2d"]
+__all__ = ["ROI_MASK_ACTIVATIONS", "DeformRoIPool2d"]
+
+#: The mask activations of a modulated :class:`DeformRoIPool2d`: ``"2sigmoid"``
+#: (``2·sigmoid(logits)``, 1 at initialisation) and ``"sigmoid"`` (mmcv's).
+ROI_MASK_ACTIVATIONS = ("2sigmoid", "sigmoid")
 
 
 class DeformRoIPool2d(nn.Module):
@@ -23,19 +28,28 @@ class DeformRoIPool2d(nn.Module):
     → Linear, as mmcv's ``DeformRoIPoolPack``) maps each pooled RoI to normalised
     offsets (K, 2, out_h, out_w), and the RoIs are pooled again by
     :func:`deformconv.deform_roi_pool` with those offsets (channel 0: x, 1: y; see
-    the function for the math and coordinate convention). When modulated, a second
-    head ``mask_fc`` (Linear → ReLU → Linear) predicts mask logits and the mask is
-    ``2·sigmoid(logits)``.
+    the function for the math, the coordinate convention and the bounds on memory and
+    time). When modulated, a second head ``mask_fc`` (Linear → ReLU → Linear) predicts
+    mask logits and the mask is ``mask_activation(logits)``.
 
-    The last layer of each head starts at zero, so a fresh module computes exactly
-    ``torchvision.ops.roi_align`` (offsets 0, mask 2·sigmoid(0) = 1). Parameter names
-    and shapes match mmcv's ``DeformRoIPoolPack`` / ``ModulatedDeformRoIPoolPack``
+    The last layer of each head starts at zero. With the default mask activation,
+    ``"2sigmoid"`` (``2·sigmoid(logits)``, in (0, 2)), the mask starts at exactly 1, so a
+    fresh module — modulated or not — computes exactly ``torchvision.ops.roi_align``
+    and can be dropped into a trained detector without changing its output, and the
+    mask can learn to weight bins down or up. ``"sigmoid"`` is mmcv's choice
+    (``ModulatedDeformRoIPoolPack``): the mask starts at 0.5 (a fresh module halves
+    RoIAlign) and stays below 1; choose it to run mmcv's weights. Parameter names and
+    shapes match mmcv's ``DeformRoIPoolPack`` / ``ModulatedDeformRoIPoolPack``
     (``offset_fc.{0,2,4}``, ``mask_fc.{0,2}``), so their weights load with
-    ``load_state_dict``; mmcv's mask is ``sigmoid(logits)`` (a fresh mmcv module
-    halves RoIAlign), so a ported *modulated* model computes twice mmcv's output.
+    ``load_state_dict(strict=True)``.
 
-    After each forward (outside torch.compile), ``last_offset`` and ``last_mask``
-    hold the detached offsets and mask that were used.
+    With ``record=True`` (an attribute that can be switched at any time) each eager
+    forward keeps the detached offsets and mask it used in ``last_offset`` and
+    ``last_mask``, for analysis and plots; by default nothing is kept (``None``).
+
+    TorchScript: ``torch.jit.script(module)`` works (the scripted forward calls the
+    registered op ``torch.ops.deformconv.deform_roi_pool`` and follows
+    :func:`deformconv.use_backend` when it runs; it records nothing).
 
     Args:
         output_size: int or (out_h, out_w).
@@ -46,6 +60,8 @@ class DeformRoIPool2d(nn.Module):
         in_channels: C, the feature map's channels.
         hidden_features: width of the heads' hidden layers (1024 in the paper).
         modulated: predict a DCNv2 mask per bin as well.
+        mask_activation: ``"2sigmoid"`` (default) or ``"sigmoid"``; see above.
+        record: keep the last forward's offsets and mask in ``last_offset``/``last_mask``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -57,7 +73,7 @@ class DeformRoIPool2d(nn.Module):
         >>> import torch
         >>> from deformconv import DeformRoIPool2d
         >>> pool = DeformRoIPool2d(7, spatial_scale=1 / 16, in_channels=32,
-        ...                        hidden_features=64, modulated=True)
+        ...                        hidden_features=64, modulated=True, record=True)
         >>> pool
         DeformRoIPool2d(
           output_size=(7, 7), spatial_scale=0.0625, in_channels=32, hidden_features=64, modulated=True
@@ -84,6 +100,8 @@ class DeformRoIPool2d(nn.Module):
 
     last_offset: Tensor | None
     last_mask: Tensor | None
+    # Eager-only state: TorchScript neither reads nor writes it.
+    __jit_ignored_attributes__ = ["last_offset", "last_mask"]
 
     def __init__(
         self,
@@ -96,6 +114,8 @@ class DeformRoIPool2d(nn.Module):
         in_channels: int,
         hidden_features: int = 1024,
         modulated: bool = False,
+        mask_activation: str = "2sigmoid",
+        record: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -112,10 +132,15 @@ class DeformRoIPool2d(nn.Module):
             raise ValueError(
                 f"{where}: spatial_scale must be a positive finite number; got {spatial_scale!r}"
             )
+        if mask_activation not in ROI_MASK_ACTIVATIONS:
+            raise ValueError(
+                f"{where}: mask_activation must be one of {ROI_MASK_ACTIVATIONS}; "
+                f"got {mask_activation!r}"
+            )
         self.spatial_scale = float(spatial_scale)
-        self.sampling_ratio, self.gamma, self.aligned = sampling_ratio, gamma, aligned
+        self.sampling_ratio, self.gamma, self.aligned = int(sampling_ratio), float(gamma), aligned
         self.in_channels, self.hidden_features = in_channels, hidden_features
-        self.modulated = modulated
+        self.modulated, self.mask_activation, self.record = modulated, mask_activation, record
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = nn.Sequential(
             nn.Linear(in_channels * bins, hidden_features, device=device, dtype=dtype),
@@ -152,6 +177,14 @@ class DeformRoIPool2d(nn.Module):
     def _pool(
         self, input: Tensor, rois: Tensor, offset: Tensor | None, mask: Tensor | None
     ) -> Tensor:
+        if torch.jit.is_scripting():
+            # The registered op validates its arguments itself; "auto" follows
+            # use_backend when it runs.
+            size = [self.output_size[0], self.output_size[1]]
+            return torch.ops.deformconv.deform_roi_pool(
+                input, rois, offset, mask, size, self.spatial_scale, self.sampling_ratio,
+                self.gamma, self.aligned, False, "auto",
+            )  # fmt: skip
         return deform_roi_pool(
             input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
             self.gamma, self.aligned, mask,
@@ -169,25 +202,39 @@ class DeformRoIPool2d(nn.Module):
         """
         k = rois.shape[0]
         features = self._pool(input, rois, None, None).reshape(k, -1)
-        offset = self.offset_fc(features).reshape(k, 2, *self.output_size)
+        out_h, out_w = self.output_size
+        offset = self.offset_fc(features).reshape(k, 2, out_h, out_w)
         if self.mask_fc is None:
             return offset, None
-        mask = 2 * torch.sigmoid(self.mask_fc(features)).reshape(k, 1, *self.output_size)
+        mask = torch.sigmoid(self.mask_fc(features)).reshape(k, 1, out_h, out_w)
+        if self.mask_activation == "2sigmoid":
+            mask = 2 * mask
         return offset, mask
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         """Pool ``rois`` from ``input``; see the class docstring for shapes."""
-        check_tensor("DeformRoIPool2d", "input", input, 4)
-        if input.shape[1] != self.in_channels:
-            raise ValueError(
-                f"DeformRoIPool2d: input must have in_channels={self.in_channels} channels; "
-                f"got {input.shape[1]}"
-            )
+        if not torch.jit.is_scripting():
+            self._check_input(input)
         offset, mask = self.offset_and_mask(input, rois)
-        if not torch.compiler.is_compiling():
+        if not torch.jit.is_scripting():
+            self._record(offset, mask)
+        return self._pool(input, rois, offset, mask)
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"DeformRoIPool2d: input must be a torch.Tensor; got {type(input).__name__}"
+            )
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise ArgumentError(
+                f"DeformRoIPool2d: input must be (N, in_channels={self.in_channels}, H_in, "
+                f"W_in); got shape {tuple(input.shape)}"
+            )
+
+    def _record(self, offset: Tensor, mask: Tensor | None) -> None:
+        if self.record and not torch.compiler.is_compiling():
             self.last_offset = offset.detach()
             self.last_mask = None if mask is None else mask.detach()
-        return self._pool(input, rois, offset, mask)
 
     def extra_repr(self) -> str:
         """The output size and scale, then the arguments that differ from defaults."""
@@ -200,4 +247,6 @@ class DeformRoIPool2d(nn.Module):
             s += f", hidden_features={self.hidden_features}"
         if self.modulated:
             s += ", modulated=True"
+        if self.mask_activation != "2sigmoid":
+            s += f", mask_activation={self.mask_activation!r}"
         return s

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from deformconv.kernels import reference
 from deformconv.ops import _backend
+from deformconv.ops._validation import check_deform_conv2d
 
 __all__ = ["deform_conv2d_backward_op", "deform_conv2d_op"]
 
@@ -129,6 +130,8 @@ def _t(v: Sequence[int]) -> tuple[int, int]:
 
 
 def _kernels(backend: str, device_type: str) -> Any:
+    if backend == "auto":  # TorchScript calls: the choice in force when the op runs
+        backend = _backend.resolve(device_type)
     if backend == "reference":
         return _ReferenceKernels
     available = _backend.available_backends(device_type)
@@ -173,6 +176,8 @@ def deform_conv2d_op(
     Returns:
         (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype.
     """
+    # Validated here too, so that direct calls (TorchScript's) never reach a kernel unchecked.
+    check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     kernels = _kernels(backend, input.device.type)
     dt = _compute_dtype(kernels, input.dtype)
     args = [_prepare(t, dt) for t in (input, offset, mask, weight, bias)]

@@ -17,6 +17,13 @@ autocast device are cast to float32 first (so mixed dtypes are accepted, as
 ``F.conv2d`` accepts them), the op computes in float32, and the output is cast to
 the autocast dtype. torch.compile resolves the backend while tracing and
 recompiles when :func:`deformconv.use_backend` changes the choice.
+
+Under ``torch.jit.script`` and ``torch.jit.trace`` the function is one call of the
+``deformconv::deform_conv2d`` custom op with backend ``"auto"``, which the op resolves
+when it runs (so :func:`deformconv.use_backend` applies to scripted and traced code
+too). The op validates its arguments itself (its errors reach TorchScript callers as
+``RuntimeError``); autocast casts the op's arguments to float32 and leaves the output
+in float32.
 """
 
 from __future__ import annotations
@@ -86,6 +93,8 @@ def deform_conv2d(
         >>> deform_conv2d(x, offset, weight, padding=1).shape
         torch.Size([2, 6, 8, 8])
     """
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return _scripted(input, offset, weight, bias, stride, padding, dilation, mask)
     input, offset, weight, bias, mask, out_dtype = _autocast(input, offset, weight, bias, mask)
     geo = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     if _onnx.in_onnx_export():
@@ -99,6 +108,27 @@ def deform_conv2d(
     if _is_channels_last(input):
         out = out.contiguous(memory_format=torch.channels_last)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def _scripted(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    mask: Tensor | None,
+) -> Tensor:
+    # The TorchScript path (script and trace): plain data flow into the custom op, which
+    # validates its arguments and resolves "auto" when it runs.
+    s = [stride, stride] if isinstance(stride, int) else [stride[0], stride[1]]
+    p = [padding, padding] if isinstance(padding, int) else [padding[0], padding[1]]
+    d = [dilation, dilation] if isinstance(dilation, int) else [dilation[0], dilation[1]]
+    out = torch.ops.deformconv.deform_conv2d(input, offset, mask, weight, bias, s, p, d, "auto")
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 @torch.compiler.assume_constant_result

@@ -1,30 +1,71 @@
 """Deformable RoI pooling (Dai et al. 2017, section 2.2): plain, modulated, position-sensitive.
 
-Routing: every call is validated, then pooled by ``kernels/roi_reference.py``; on CPU
-and CUDA the per-bin gather-sum runs on ``kernels/_roi_fast.py`` (fused
-``embedding_bag`` forward, hand-written backward), elsewhere, or under
-``deformconv.use_backend("reference")``, on the reference's ``index_select`` + ``bmm``
-(which is also twice differentiable; the fast path is once differentiable).
+Routing of a validated call:
+
+=====================================  ==================================================
+call                                   runs
+=====================================  ==================================================
+eager, ``use_backend("reference")``    ``kernels/roi_reference.py`` as an autograd
+                                       Function (``index_select`` + ``bmm``)
+eager (other backends), torch.compile  ``deformconv::deform_roi_pool`` (``ops/_roi_library.py``):
+torch.export, TorchScript              the ``embedding_bag`` reductions on CPU and CUDA,
+                                       the reference's elsewhere or under ``reference``
+
+Both routes are twice differentiable.
+=====================================  ==================================================
+
+Under ``torch.autocast`` (CPU or CUDA) the float16/bfloat16/float32 tensors are cast to
+float32 first (so bfloat16 features with float32 boxes are accepted, as by
+``torchvision.ops.roi_align``), the op computes in float32, and the output is cast back
+to ``input``'s dtype, as ``roi_align`` does. Nothing in the traced path reads a tensor's
+values, so ``torch.compile(fullgraph=True)`` captures the call as one node.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from deformconv._utils import IntPair
 from deformconv.kernels import roi_reference
 from deformconv.ops import _backend
-from deformconv.ops._roi_validation import check_roi_pool
+from deformconv.ops._roi_library import deform_roi_pool_op
+from deformconv.ops._roi_validation import check_batch_index, check_roi_pool
 
 __all__ = ["deform_ps_roi_pool", "deform_roi_pool"]
 
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
-def _reduce(device_type: str) -> roi_reference.GatherSum:
-    from deformconv.kernels import _roi_fast
 
-    if _backend.get_backend() == "reference" or device_type not in _roi_fast.DEVICE_TYPES:
-        return roi_reference.reduce_groups
-    return _roi_fast.reduce_groups
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, choice: str) -> str:
+    # torch.compile calls this once while tracing; ``choice`` (the traced
+    # ``get_backend()``) makes it guard on, and recompile for, a change of
+    # :func:`deformconv.use_backend`. Raises for a backend that cannot run here.
+    _backend.resolve(device_type)
+    return "reference" if choice == "reference" else "embedding_bag"
+
+
+def _autocast(
+    input: Tensor, rois: Tensor, offset: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, torch.dtype | None]:
+    """Under autocast on input's device: cast eligible tensors to float32; else no-op.
+
+    Returns:
+        The four tensors and the dtype to cast the output to (None: leave it).
+    """
+    if not isinstance(input, Tensor):
+        return input, rois, offset, mask, None  # the validator says why
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return input, rois, offset, mask, None
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        eligible = isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE
+        return t.float() if eligible and t.device.type == device_type else t  # type: ignore[union-attr]
+
+    out_dtype = input.dtype
+    return cast(input), cast(rois), cast(offset), cast(mask), out_dtype  # type: ignore[return-value]
 
 
 def _pool(
@@ -40,14 +81,27 @@ def _pool(
     aligned: bool,
     mask: Tensor | None,
 ) -> Tensor:
+    input, rois, offset, mask, out_dtype = _autocast(input, rois, offset, mask)
     geo = check_roi_pool(
         where, input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma,
         aligned, position_sensitive,
     )  # fmt: skip
-    return roi_reference.deform_roi_pool(
-        input, rois, offset, mask, geo.output_size, geo.spatial_scale, geo.sampling_ratio,
-        geo.gamma, aligned, position_sensitive, reduce=_reduce(input.device.type),
-    )  # fmt: skip
+    backend = _resolve(input.device.type, _backend.get_backend())
+    args = (geo.output_size, geo.spatial_scale, geo.sampling_ratio, geo.gamma, aligned)
+    if backend == "reference" and not (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    ):
+        check_batch_index(where, rois, input.shape[0])
+        dt = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        cast = [None if t is None else t.to(dt) for t in (input, rois, offset, mask)]
+        out = roi_reference.DeformRoIPoolFunction.apply(*cast, *args, position_sensitive)
+        out = out.to(input.dtype)
+    else:
+        out = deform_roi_pool_op(
+            input, rois, offset, mask, list(geo.output_size), *args[1:], position_sensitive,
+            backend,
+        )  # fmt: skip
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def deform_roi_pool(
@@ -95,16 +149,31 @@ def deform_roi_pool(
     by (0.1·1·7, 0.1·(-2)·3.5) = (0.7, -0.7) to (1.7, 0.55). ``aligned=False``: the
     RoI spans [1, 8] x [1.5, 5]; bin (0, 0) samples (1.5, 1.75), shifted to (2.2, 1.05).
 
+    **Bounds.** Memory: forward and backward work in slices of a fixed workspace
+    (64 MiB), so beyond the output and a channels-last copy of the input a call needs
+    a few values per RoI and bin, whatever the boxes. Time: the adaptive grid stops at
+    512 samples per RoI side, ``max(1, 512 // out)`` per bin and axis (73 for 7 bins).
+    Below that cap the result equals ``roi_align``; beyond it, it equals ``roi_align``
+    with ``sampling_ratio`` = the cap, so an absurd box (1e9 pixels, say) costs at most
+    about 512² samples.
+
+    Under ``torch.autocast`` (CPU, CUDA) mixed dtypes are accepted (e.g. bfloat16
+    features with float32 boxes): the op computes in float32 and returns ``input``'s
+    dtype, as ``roi_align``. It runs as the custom op ``deformconv::deform_roi_pool``
+    under torch.compile (no host synchronisation in the traced path), torch.export and
+    TorchScript.
+
     Args:
         input: (N, C, H_in, W_in) feature map.
         rois: (K, 5) rows ``[batch_index, x1, y1, x2, y2]`` in image coordinates,
             ``input``'s dtype and device; batch indices must be integers in [0, N)
-            (checked: free on CPU, one device sync elsewhere).
+            (checked inside the op: free on CPU, one device sync elsewhere).
         offset: (K, 2, out_h, out_w) normalised offsets (channel 0: x, 1: y), or None.
         output_size: int or (out_h, out_w), positive.
         spatial_scale: image-to-feature-map scale (e.g. 1/16), positive.
-        sampling_ratio: samples per bin along each axis; ``<= 0`` (default 0, like
-            torchvision's -1) samples ``ceil(roi_h / out_h) x ceil(roi_w / out_w)``.
+        sampling_ratio: samples per bin along each axis (at most 512); ``<= 0``
+            (default 0, like torchvision's -1) samples ``ceil(roi_h / out_h)`` along y,
+            up to ``max(1, 512 // out_h)`` (likewise x): see *Bounds* above.
         gamma: offset scale γ (0.1 in the paper).
         aligned: the half-pixel convention above.
         mask: (K, 1, out_h, out_w) multiplier of each bin (raw: apply any activation
@@ -114,13 +183,15 @@ def deform_roi_pool(
         (K, C, out_h, out_w) in ``input``'s dtype (float16/bfloat16 are computed in
         float32). Differentiable with respect to ``input``, ``offset`` and ``mask``.
         Empty, zero-size and out-of-image RoIs read 0 where they see nothing; NaN or
-        infinite offsets (and RoIs) read 0 and never index outside the input.
+        infinite offsets (and RoIs) read 0 and never index outside the input. The RoIs
+        get no gradient (as with ``roi_align``).
 
     Raises:
         TypeError: a non-tensor, an integer tensor, or a malformed hyper-parameter.
-        ValueError: rois not (K, 5); a batch index outside [0, N); offset or mask of
-            the wrong shape; a non-positive output size or scale; an empty map; a
-            device or dtype that differs from ``input``'s.
+        ArgumentError: (a ``ValueError`` and a ``RuntimeError``, what ``roi_align``
+            raises) rois not (K, 5); a batch index outside [0, N); offset or mask of
+            the wrong shape; a non-positive output size or scale; ``sampling_ratio``
+            above 512; an empty map; a device or dtype that differs from ``input``'s.
 
     Example:
         >>> import torch

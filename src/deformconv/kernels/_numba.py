@@ -452,6 +452,9 @@ class _Problem:
 
     def im2col(self, cols: Tensor, r0: int) -> None:
         """Fill ``cols`` (R, groups·K·C_pg) for the global rows r0 .. r0 + R."""
+        if self.height * self.width == 0:  # an empty map: every sample reads 0
+            cols.zero_()
+            return
         _numba_threads.launch(_im2col, *self._common(), cols.numpy(), r0, self.c_pg)
 
     def col2im(
@@ -467,6 +470,11 @@ class _Problem:
 
         ``gx`` None: no input gradient; ``g_off`` None: no offset or mask gradient.
         """
+        if self.height * self.width == 0:  # an empty map: no gradient reaches a sample
+            for t in (g_off, g_mask):
+                if t is not None:
+                    t.zero_()
+            return
         dummy = np.zeros((1,) * 6, dtype=self.x2.numpy().dtype)
         gx2 = dummy[0, 0, 0, 0] if gx is None else gx.reshape(-1, self.c_in).numpy()
         _numba_threads.launch(

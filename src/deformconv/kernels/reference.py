@@ -8,21 +8,20 @@ Bounded memory: the output pixels are processed in chunks whose temporary buffer
 (the column buffer, the blend's temporaries, the corner indices and weights) stay
 under :data:`WORKSPACE_BYTES`: whole images per chunk when one image fits, otherwise
 a range of output pixels of one image. Under autograd, a call of more than one chunk
-keeps only its inputs and recomputes each chunk in the backward pass
-(``torch.utils.checkpoint``), so training is bounded the same way; gradients are still
-differentiable twice. :func:`deform_conv2d_backward` (the backward of the custom op)
+keeps only its inputs, and its backward runs chunk by chunk through explicit gradient
+formulas built from differentiable torch ops, so training is bounded the same way and
+gradients are still differentiable twice. :func:`deform_conv2d_backward` (the backward of the custom op)
 works chunk by chunk too. Beyond the workspace, a call allocates its output (or its
 gradients) and, for float16/bfloat16, float32 copies of the arguments.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "WORKSPACE_BYTES",
@@ -185,7 +184,8 @@ def _forward_rows(
     c_per_off = c_in // n_off
     flat = input.reshape(n, n_off, c_per_off, height * width)
     columns = flat.new_zeros(n, n_off, c_per_off, k * rows)
-    for index, w in bilinear_corners(y, x, height, width):
+    # An empty map (H_in or W_in = 0) has nothing to read: every sample is 0.
+    for index, w in bilinear_corners(y, x, height, width) if height * width else []:
         index = index.reshape(n, n_off, 1, k * rows).expand(-1, -1, c_per_off, -1)
         columns = columns + torch.gather(flat, 3, index) * w.reshape(n, n_off, 1, k * rows)
     if mask is not None:
@@ -223,6 +223,9 @@ def _backward_rows(
     """
     want_x, want_off, want_m, want_w, want_b = needs_grad
     n, c_in, height, width = input.shape
+    if height * width == 0:  # an empty map reads nothing: only the bias has a gradient
+        zeros = [torch.zeros_like(t) if t is not None and want else None for t, want in zip((input, offset, mask, weight), needs_grad[:4], strict=True)]
+        return [*zeros, grad_out.sum((0, 2)) if want_b else None]
     c_out, c_per_group, k_h, k_w = weight.shape
     groups = c_in // c_per_group
     k = k_h * k_w
@@ -330,29 +333,78 @@ def deform_conv2d(
     h_out, w_out = offset.shape[2], offset.shape[3]
     length = h_out * w_out
     chunks = _chunks(n, c_in, k, offset.shape[1] // (2 * k), length, input.element_size())
-    rows = functools.partial(_forward_rows, stride=stride, padding=padding, dilation=dilation)
     if len(chunks) == 1:
-        out = rows(input, offset, mask, weight, bias, l0=0, l1=length, w_out=w_out)
+        out = _forward_rows(
+            input, offset, mask, weight, bias, stride, padding, dilation, 0, length, w_out
+        )
         return out.reshape(n, c_out, h_out, w_out).to(out_dtype)
     tensors = (input, offset, mask, weight, bias)
-    recompute = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors
-    )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # Keep only the inputs; the backward runs chunk by chunk as well.
+        out = _Chunked.apply(*tensors, (stride, padding, dilation))
+    else:
+        out = _forward_chunks(chunks, *tensors, stride, padding, dilation)
+    return out.reshape(n, c_out, h_out, w_out).to(out_dtype)
+
+
+def _forward_chunks(
+    chunks: list[_Chunk],
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """(N, C_out, H_out·W_out) computed chunk by chunk."""
+    w_out, length = offset.shape[3], offset.shape[2] * offset.shape[3]
     images: list[Tensor] = []
     pieces: list[Tensor] = []
     for b0, b1, l0, l1 in chunks:
-        sliced = (input[b0:b1], offset[b0:b1], None if mask is None else mask[b0:b1])
-        fn = functools.partial(rows, l0=l0, l1=l1, w_out=w_out)
-        if recompute:  # keep only the inputs; recompute the chunk in the backward pass
-            piece = checkpoint(fn, *sliced, weight, bias, use_reentrant=False)
-        else:
-            piece = fn(*sliced, weight, bias)
+        m = None if mask is None else mask[b0:b1]
+        piece = _forward_rows(
+            input[b0:b1], offset[b0:b1], m, weight, bias, stride, padding, dilation, l0, l1, w_out
+        )
         pieces.append(piece)
         if l1 == length:
             images.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
             pieces = []
-    out = torch.cat(images, dim=0) if len(images) > 1 else images[0]
-    return out.reshape(n, c_out, h_out, w_out).to(out_dtype)
+    return torch.cat(images, dim=0) if len(images) > 1 else images[0]
+
+
+class _Chunked(torch.autograd.Function):
+    """A chunked call under autograd: saves the inputs only; backward by explicit formulas.
+
+    The backward (:func:`deform_conv2d_backward`) is made of differentiable torch ops on
+    the saved inputs, so autograd differentiates it again (double backward).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        geometry: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
+    ) -> Tensor:
+        ctx.save_for_backward(input, offset, mask, weight, bias)
+        ctx.geometry = geometry
+        chunks = _chunks_of((input, offset, mask, weight, bias))
+        return _forward_chunks(chunks, input, offset, mask, weight, bias, *geometry)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, offset, mask, weight, bias = ctx.saved_tensors
+        go = grad_out.reshape(input.shape[0], weight.shape[0], *offset.shape[2:])
+        grads = deform_conv2d_backward(
+            go, input, offset, mask, weight, bias, *ctx.geometry,
+            needs_grad=ctx.needs_input_grad[:5],
+        )  # fmt: skip
+        return (*grads, None)
 
 
 def _chunks_of(tensors: Sequence[Tensor | None]) -> list[_Chunk]:

@@ -12,7 +12,6 @@ parent test reports.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -25,7 +24,19 @@ torch.set_num_threads(1)
 COUNTS = {"computed": 0, "rejected": 0}
 
 DTYPES = [torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64]
-HOSTILE = [0.0, 0.5, -1.0, 1e3, -1e3, 1e30, -1e30, 2.0**31, float("nan"), float("inf"), -float("inf")]
+HOSTILE = [
+    0.0,
+    0.5,
+    -1.0,
+    1e3,
+    -1e3,
+    1e30,
+    -1e30,
+    2.0**31,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+]
 
 
 def _tensor(draw, shape, dtype, hostile: bool, channels_last: bool = False) -> torch.Tensor:
@@ -49,7 +60,9 @@ def _tensor(draw, shape, dtype, hostile: bool, channels_last: bool = False) -> t
 
 def _maybe(draw, good, bad):
     """Mostly a valid value; one case in five draws from the invalid ones."""
-    return draw(st.sampled_from(bad)) if draw(st.integers(0, 4)) == 0 else draw(st.sampled_from(good))
+    return (
+        draw(st.sampled_from(bad)) if draw(st.integers(0, 4)) == 0 else draw(st.sampled_from(good))
+    )
 
 
 @st.composite
@@ -67,6 +80,7 @@ def conv_case(draw):
     padding = _maybe(draw, [0, 1, (1, 0), (2, 2)], [-1, (1,)])
     dilation = _maybe(draw, [1, 2, (1, 2)], [0, "1"])
     dtype = _maybe(draw, DTYPES[:-1], [torch.int64])
+
     def pair(v):
         return (v, v) if isinstance(v, int) else v
 
@@ -134,13 +148,21 @@ def _check_grads(out: torch.Tensor, leaves: list[torch.Tensor | None], finite: b
 
 
 def fuzz_conv(backend: str, examples: int) -> None:
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(conv_case())
     def run(case):
         x, offset, weight, bias, stride, padding, dilation, mask = case
         grad = x.is_floating_point() and x.dtype in (torch.float32, torch.float64)
-        leaves = [None if t is None else t.detach().requires_grad_(grad) for t in (x, offset, weight, bias, mask)]
+        leaves = [
+            None if t is None else t.detach().requires_grad_(grad)
+            for t in (x, offset, weight, bias, mask)
+        ]
         xi, oi, wi, bi, mi = leaves
         # Offsets may hold NaN, inf or huge values (they read 0); the other tensors are
         # finite unless the mask holds hostile values.
@@ -164,8 +186,13 @@ def fuzz_conv(backend: str, examples: int) -> None:
 def fuzz_roi(ps: bool, examples: int) -> None:
     fn = deformconv.deform_ps_roi_pool if ps else deformconv.deform_roi_pool
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(roi_case(ps))
     def run(case):
         x, rois, offset, output_size, scale, sampling, aligned, mask = case

@@ -20,8 +20,15 @@ from deformconv.ops._library import _ReferenceKernels
 CASES = {
     "modulated": Config(batch=2, in_channels=2, out_channels=2, size=(4, 4), mask=True),
     "groups_stride": Config(
-        batch=1, in_channels=4, out_channels=2, size=(5, 4), kernel=(2, 3), stride=(2, 1),
-        dilation=(1, 2), groups=2, offset_groups=2,
+        batch=1,
+        in_channels=4,
+        out_channels=2,
+        size=(5, 4),
+        kernel=(2, 3),
+        stride=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=2,
     ),  # fmt: skip
 }
 

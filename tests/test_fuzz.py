@@ -28,11 +28,11 @@ BATCHES = [
 ]
 
 
-@pytest.mark.parametrize(("op", "backend", "examples"), BATCHES)
-def test_fuzz_batch(op, backend, examples):
+@pytest.mark.parametrize(("op", "kernel", "examples"), BATCHES)
+def test_fuzz_batch(op, kernel, examples):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(HERE / "_fuzz_worker.py"), op, backend, str(examples)],
+        [sys.executable, str(HERE / "_fuzz_worker.py"), op, kernel, str(examples)],
         env=env,
         capture_output=True,
         text=True,

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.metadata
 import os
 import threading
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -95,10 +95,10 @@ def configure() -> None:
     """Choose a fork-safe threading layer unless the user (or a first run) chose one."""
     if _launched_layer() is not None or os.environ.get("NUMBA_THREADING_LAYER"):
         return
-    if str(numba.config.THREADING_LAYER).lower() != "default":
+    if str(getattr(numba.config, "THREADING_LAYER", "default")).lower() != "default":
         return
     _load_tbb()  # lets Numba find it; "forksafe" then prefers tbb over workqueue
-    numba.config.THREADING_LAYER = "forksafe"
+    setattr(numba.config, "THREADING_LAYER", "forksafe")  # noqa: B010 (untyped module)
 
 
 def _serial(kernel: Any) -> Any:
@@ -151,4 +151,3 @@ def threads() -> Iterator[None]:
         numba.set_num_threads(previous)
         if single:
             torch.set_num_threads(torch_threads)
-

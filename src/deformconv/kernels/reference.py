@@ -10,9 +10,10 @@ under :data:`WORKSPACE_BYTES`: whole images per chunk when one image fits, other
 a range of output pixels of one image. Under autograd, a call of more than one chunk
 keeps only its inputs, and its backward runs chunk by chunk through explicit gradient
 formulas built from differentiable torch ops, so training is bounded the same way and
-gradients are still differentiable twice. :func:`deform_conv2d_backward` (the backward of the custom op)
-works chunk by chunk too. Beyond the workspace, a call allocates its output (or its
-gradients) and, for float16/bfloat16, float32 copies of the arguments.
+gradients are still differentiable twice. :func:`deform_conv2d_backward` (the
+backward of the custom op) works chunk by chunk too. Beyond the workspace, a call
+allocates its output (or its gradients) and, for float16/bfloat16, float32 copies of
+the arguments.
 """
 
 from __future__ import annotations
@@ -115,9 +116,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _chunks(
-    n: int, c_in: int, k: int, n_off: int, length: int, element_size: int
-) -> list[_Chunk]:
+def _chunks(n: int, c_in: int, k: int, n_off: int, length: int, element_size: int) -> list[_Chunk]:
     """Chunks ``(b0, b1, l0, l1)`` whose workspace stays under :data:`WORKSPACE_BYTES`."""
     # Per output pixel: the columns and three blend temporaries (C_in·K values each), and
     # for each of the G·K samples: positions, four corners' int64 indices and weights.
@@ -128,7 +127,9 @@ def _chunks(
     if rows >= length:
         step = rows // length
         return [(b0, min(n, b0 + step), 0, length) for b0 in range(0, n, step)]
-    return [(b, b + 1, l0, min(length, l0 + rows)) for b in range(n) for l0 in range(0, length, rows)]
+    return [
+        (b, b + 1, l0, min(length, l0 + rows)) for b in range(n) for l0 in range(0, length, rows)
+    ]
 
 
 def _positions(
@@ -224,7 +225,10 @@ def _backward_rows(
     want_x, want_off, want_m, want_w, want_b = needs_grad
     n, c_in, height, width = input.shape
     if height * width == 0:  # an empty map reads nothing: only the bias has a gradient
-        zeros = [torch.zeros_like(t) if t is not None and want else None for t, want in zip((input, offset, mask, weight), needs_grad[:4], strict=True)]
+        zeros = [
+            torch.zeros_like(t) if t is not None and want else None
+            for t, want in zip((input, offset, mask, weight), needs_grad[:4], strict=True)
+        ]
         return [*zeros, grad_out.sum((0, 2)) if want_b else None]
     c_out, c_per_group, k_h, k_w = weight.shape
     groups = c_in // c_per_group
@@ -257,7 +261,9 @@ def _backward_rows(
         wy, wx = (ly if dy else hy), (lx if dx else hx)
         sy, sx = (1 if dy else -1), (1 if dx else -1)
         index = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
-        corners.append((index.reshape(n, n_off, 1, k * rows), wy * wx * ok, sy * wx * ok, wy * sx * ok))
+        corners.append(
+            (index.reshape(n, n_off, 1, k * rows), wy * wx * ok, sy * wx * ok, wy * sx * ok)
+        )
     need_cols_grad = want_x or want_off or want_m
     grad_cols = None
     if need_cols_grad:
@@ -400,8 +406,9 @@ class _Chunked(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, offset, mask, weight, bias = ctx.saved_tensors
         go = grad_out.reshape(input.shape[0], weight.shape[0], *offset.shape[2:])
+        stride, padding, dilation = ctx.geometry
         grads = deform_conv2d_backward(
-            go, input, offset, mask, weight, bias, *ctx.geometry,
+            go, input, offset, mask, weight, bias, stride, padding, dilation,
             needs_grad=ctx.needs_input_grad[:5],
         )  # fmt: skip
         return (*grads, None)

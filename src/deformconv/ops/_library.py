@@ -226,7 +226,9 @@ def deform_conv2d_backward_op(
 
 
 @deform_conv2d_backward_op.register_fake
-def _(grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs_grad):  # type: ignore[no-untyped-def]
+def _(
+    grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs_grad
+):  # type: ignore[no-untyped-def]
     return [
         t.new_empty(t.shape) if t is not None and w else input.new_empty(0)
         for t, w in zip((input, offset, mask, weight, bias), needs_grad, strict=True)
@@ -254,7 +256,9 @@ def _backward(ctx, grad_output):  # type: ignore[no-untyped-def]
 
 
 def _setup_context_backward(ctx, inputs, output):  # type: ignore[no-untyped-def]
-    grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs = inputs
+    grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs = (
+        inputs
+    )
     ctx.save_for_backward(grad_output, input, offset, mask, weight, bias)
     ctx.args = (_t(stride), _t(padding), _t(dilation))
     ctx.needs = [bool(n) for n in needs]
@@ -274,8 +278,6 @@ def _double_backward(ctx, grad_grads):  # type: ignore[no-untyped-def]
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
-deform_conv2d_backward_op.register_autograd(
-    _double_backward, setup_context=_setup_context_backward
-)
+deform_conv2d_backward_op.register_autograd(_double_backward, setup_context=_setup_context_backward)
 for _device_type in ("cpu", "cuda"):
     torch.library.register_autocast("deformconv::deform_conv2d", _device_type, torch.float32)

@@ -41,12 +41,38 @@ def test_opcheck_forward(backend, case):
     torch.library.opcheck(deform_conv2d_op, _args(CASES[case], backend))
 
 
+NEEDS = {"all": [True] * 5, "first_layer": [False, True, True, True, True], "weight": [False, False, False, True, True]}  # fmt: skip
+
+
+@pytest.mark.parametrize("needs", list(NEEDS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_opcheck_backward(backend, case):
+def test_opcheck_backward(backend, case, needs):
     args = _args(CASES[case], backend, requires_grad=False)
     cfg = CASES[case]
     grad_output = torch.randn(cfg.batch, cfg.out_channels, *cfg.out_size)
-    torch.library.opcheck(deform_conv2d_backward_op, (grad_output, *args))
+    torch.library.opcheck(deform_conv2d_backward_op, (grad_output, *args, NEEDS[needs]))
+
+
+def test_opcheck_double_backward(backend):
+    """The backward op's own autograd formula (double backward) passes opcheck."""
+    cfg = CASES["modulated_no_bias"]
+    args = _args(cfg, backend, requires_grad=True)
+    grad_output = torch.randn(cfg.batch, cfg.out_channels, *cfg.out_size, requires_grad=True)
+    torch.library.opcheck(deform_conv2d_backward_op, (grad_output, *args, [True] * 5))
+
+
+@pytest.mark.parametrize("needs", list(NEEDS))
+def test_backward_op_computes_only_needed_gradients(backend, needs):
+    cfg = CASES["v1"]
+    args = _args(cfg, backend, requires_grad=False)
+    grad_output = torch.randn(cfg.batch, cfg.out_channels, *cfg.out_size)
+    got = deform_conv2d_backward_op(grad_output, *args, NEEDS[needs])
+    full = deform_conv2d_backward_op(grad_output, *args, [True] * 5)
+    for g, f, n, t in zip(got, full, NEEDS[needs], args[:5], strict=True):
+        if n and t is not None:
+            torch.testing.assert_close(g, f)
+        else:
+            assert g.numel() == 0
 
 
 def test_op_equals_public_function(backend):

@@ -52,6 +52,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deformconv.kernels import _numba_threads
+
+_numba_threads.configure()  # before the first parallel kernel runs
+
 __all__ = ["CHANNEL_BLOCK", "WORKSPACE_BYTES", "backward", "forward"]
 
 #: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
@@ -228,8 +232,12 @@ def _col2im(
     g_off,
     g_mask,
     block,
+    want_gx,
+    want_off,
 ):  # pragma: no cover
     # x, gx: (N·H·W, C_in) channels-last input and grad_input (accumulated into).
+    # want_gx / want_off False: skip the input gradient / the offset and mask gradients
+    # (gx / g_off and g_mask are then dummies, never written).
     # gcols: (R, groups·K·C_pg) grad columns of the global rows row0 .. row0 + R (layout of
     # _im2col). g_off: (B_c, N, G, K, 2, L) and g_mask: (B_c, N, G, K, L): one partial per
     # channel block of ``block`` channels (B_c = ceil(C_per / block)), written for every row
@@ -260,9 +268,10 @@ def _col2im(
                 y = base_y[k, p_l] + off[b, g, k, 0, p_l]
                 xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
                 if not (y >= -1 and y < height and xx >= -1 and xx < width):  # False for NaN
-                    g_off[blk, b, g, k, 0, p_l] = zero
-                    g_off[blk, b, g, k, 1, p_l] = zero
-                    g_mask[blk, b, g, k, p_l] = zero
+                    if want_off:
+                        g_off[blk, b, g, k, 0, p_l] = zero
+                        g_off[blk, b, g, k, 1, p_l] = zero
+                        g_mask[blk, b, g, k, p_l] = zero
                     continue
                 m = mask[b, g, k, p_l] if has_mask else one
                 ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners(y, xx, height, width, one)
@@ -285,16 +294,20 @@ def _col2im(
                     cnt = np.uint64(min(c_hi, (wg + 1) * c_pg) - c)
                     col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
                     cu = np.uint64(c)
-                    e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, cnt)
-                    d00 += e00
-                    d01 += e01
-                    d10 += e10
-                    d11 += e11
-                    _axpy(gcols, r, col, gx, i00, cu, cnt, w00)
-                    _axpy(gcols, r, col, gx, i01, cu, cnt, w01)
-                    _axpy(gcols, r, col, gx, i10, cu, cnt, w10)
-                    _axpy(gcols, r, col, gx, i11, cu, cnt, w11)
+                    if want_off:
+                        e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, cnt)
+                        d00 += e00
+                        d01 += e01
+                        d10 += e10
+                        d11 += e11
+                    if want_gx:
+                        _axpy(gcols, r, col, gx, i00, cu, cnt, w00)
+                        _axpy(gcols, r, col, gx, i01, cu, cnt, w01)
+                        _axpy(gcols, r, col, gx, i10, cu, cnt, w10)
+                        _axpy(gcols, r, col, gx, i11, cu, cnt, w11)
                     c += np.int64(cnt)
+                if not want_off:
+                    continue
                 d00 *= v00
                 d01 *= v01
                 d10 *= v10
@@ -309,11 +322,6 @@ def _col2im(
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _set_threads() -> None:
-    limit: int = getattr(numba.config, "NUMBA_NUM_THREADS", 1)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
 
 
 def _chunks(
@@ -444,16 +452,36 @@ class _Problem:
 
     def im2col(self, cols: Tensor, r0: int) -> None:
         """Fill ``cols`` (R, groups·K·C_pg) for the global rows r0 .. r0 + R."""
-        _im2col(*self._common(), cols.numpy(), r0, self.c_pg)
+        if self.height * self.width == 0:  # an empty map: every sample reads 0
+            cols.zero_()
+            return
+        _numba_threads.launch(_im2col, *self._common(), cols.numpy(), r0, self.c_pg)
 
     def col2im(
-        self, gcols: Tensor, r0: int, gx: Tensor, g_off: Tensor, g_mask: Tensor, block: int
+        self,
+        gcols: Tensor,
+        r0: int,
+        gx: Tensor | None,
+        g_off: Tensor | None,
+        g_mask: Tensor | None,
+        block: int,
     ) -> None:
-        """Scatter ``gcols`` into ``gx`` and write the offset / mask gradient partials."""
-        gx2 = gx.reshape(-1, self.c_in)
-        _col2im(
-            *self._common(), gcols.numpy(), r0, self.c_pg, gx2.numpy(), g_off.numpy(),
-            g_mask.numpy(), block,
+        """Scatter ``gcols`` into ``gx`` and write the offset / mask gradient partials.
+
+        ``gx`` None: no input gradient; ``g_off`` None: no offset or mask gradient.
+        """
+        if self.height * self.width == 0:  # an empty map: no gradient reaches a sample
+            for t in (g_off, g_mask):
+                if t is not None:
+                    t.zero_()
+            return
+        dummy = np.zeros((1,) * 6, dtype=self.x2.numpy().dtype)
+        gx2 = dummy[0, 0, 0, 0] if gx is None else gx.reshape(-1, self.c_in).numpy()
+        _numba_threads.launch(
+            _col2im, *self._common(), gcols.numpy(), r0, self.c_pg, gx2,
+            dummy if g_off is None else g_off.numpy(),
+            dummy[0] if g_mask is None else g_mask.numpy(), block, gx is not None,
+            g_off is not None,
         )  # fmt: skip
 
     def group_columns(self, cols: Tensor, g: int) -> Tensor:
@@ -462,6 +490,7 @@ class _Problem:
         return cols[:, g * width : (g + 1) * width]
 
 
+@_numba_threads.scoped
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -483,7 +512,6 @@ def forward(
     groups = input.shape[1] // weight.shape[1]
     if _numba_direct.prefers_direct(input.shape[1], weight.shape[0], groups):
         return _numba_direct.forward(input, offset, mask, weight, bias, stride, padding, dilation)
-    _set_threads()
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     total = p.n * p.length
     cog = p.c_out // p.groups
@@ -508,6 +536,7 @@ def forward(
     return out.to(input.dtype)
 
 
+@_numba_threads.scoped
 def backward(
     grad_output: Tensor,
     input: Tensor,
@@ -519,7 +548,7 @@ def backward(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     needs_grad: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of a deformable convolution.
 
     Args:
@@ -532,12 +561,14 @@ def backward(
         stride: (s_h, s_w).
         padding: (p_h, p_w).
         dilation: (d_h, d_w).
-        needs_grad: which of ``(input, offset, mask, weight, bias)`` need a gradient.
+        needs_grad: which of ``(input, offset, mask, weight, bias)`` need a gradient;
+            only those are computed (the input gradient's scatter, the offset and mask
+            reductions and the weight GEMM are skipped when not needed).
 
     Returns:
         ``(grad_input, grad_offset, grad_mask, grad_weight, grad_bias)`` with the shapes
-        and dtypes of their arguments; ``grad_mask`` / ``grad_bias`` are None when
-        ``mask`` / ``bias`` is None.
+        and dtypes of their arguments; None where the argument is None or its gradient
+        is not needed.
     """
     from deformconv.kernels import _numba_direct  # narrow groups: direct, no column buffer
 
@@ -545,7 +576,8 @@ def backward(
     if _numba_direct.prefers_direct(input.shape[1], weight.shape[0], groups):
         args = (grad_output, input, offset, mask, weight, bias, stride, padding, dilation)
         return _numba_direct.backward(*args, needs_grad=needs_grad)
-    _set_threads()
+    want_x, want_off, want_m, want_w, want_b = needs_grad
+    want_off = want_off or (want_m and mask is not None)  # one pass gives both
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     total = p.n * p.length
     cog = p.c_out // p.groups
@@ -557,36 +589,49 @@ def backward(
     images = -(-(chunks[0][1] - chunks[0][0]) // p.length) if chunks else 1  # per chunk
     block = _channel_block(c_per, images * p.n_off)
     n_blocks = max(1, -(-c_per // block))
-    gx = torch.zeros_like(p.x)
-    gw_mat = torch.zeros_like(p.w_mat)
-    g_off = p.x.new_empty(n_blocks, *p.off.shape)
-    g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length)
+    gx = torch.zeros_like(p.x) if want_x else None
+    gw_mat = torch.zeros_like(p.w_mat) if want_w else None
+    g_off = p.x.new_empty(n_blocks, *p.off.shape) if want_off else None
+    g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length) if want_off else None
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     cols, gcols = _workspace(rows, p.row_width, 2, p.dtype)
     for r0, r1 in chunks:
         chunk, gchunk = cols[: r1 - r0], gcols[: r1 - r0]
-        p.im2col(chunk, r0)
+        if gw_mat is not None:
+            p.im2col(chunk, r0)
         for g in range(p.groups):
-            gw_mat[g].addmm_(p.group_columns(chunk, g).t(), g_rows[g, r0:r1])
+            if gw_mat is not None:
+                gw_mat[g].addmm_(p.group_columns(chunk, g).t(), g_rows[g, r0:r1])
+            if gx is None and g_off is None:
+                continue
             if p.groups == 1:
                 torch.mm(g_rows[g, r0:r1], p.w_mat[g].t(), out=gchunk)
             else:
                 p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g].t())
-        p.col2im(gchunk, r0, gx, g_off, g_mask, block)
-    # Partials summed in a fixed order: bitwise reproducible.
-    grad_off, grad_m = g_off[0], g_mask[0]
-    for i in range(1, n_blocks):
-        grad_off = grad_off + g_off[i]
-        grad_m = grad_m + g_mask[i]
-    grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
-    # (N, G, K, 2, L) is (N, 2·G·K, H_out, W_out): channel 2·(g·K + k) is Δy, the next Δx.
-    grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
-    grad_mask = grad_m.reshape(mask.shape).to(mask.dtype) if mask is not None else None
-    k_h, k_w = weight.shape[2], weight.shape[3]
-    grad_weight = gw_mat.reshape(p.groups, k_h, k_w, p.c_pg, cog).permute(0, 4, 3, 1, 2)
-    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
-    grad_bias = None
-    if bias is not None:
+        if gx is not None or g_off is not None:
+            p.col2im(gchunk, r0, gx, g_off, g_mask, block)
+    grad_input: Tensor | None = None
+    grad_offset: Tensor | None = None
+    grad_mask: Tensor | None = None
+    grad_weight: Tensor | None = None
+    grad_bias: Tensor | None = None
+    if g_off is not None and g_mask is not None:
+        # Partials summed in a fixed order: bitwise reproducible.
+        grad_off, grad_m = g_off[0], g_mask[0]
+        for i in range(1, n_blocks):
+            grad_off = grad_off + g_off[i]
+            grad_m = grad_m + g_mask[i]
+        # (N, G, K, 2, L) is (N, 2·G·K, H_out, W_out): channel 2·(g·K + k) is Δy, the next Δx.
+        grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
+        if mask is not None:
+            grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
+    if gx is not None:
+        grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
+    if gw_mat is not None:
+        k_h, k_w = weight.shape[2], weight.shape[3]
+        grad_weight = gw_mat.reshape(p.groups, k_h, k_w, p.c_pg, cog).permute(0, 4, 3, 1, 2)
+        grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+    if bias is not None and want_b:
         # Summed from the contiguous rows: the same order whatever grad_output's strides.
         grad_bias = g_rows.sum(1).reshape(p.c_out).to(bias.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

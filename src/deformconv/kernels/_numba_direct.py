@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners, _dot4, _set_threads
+from deformconv.kernels import _numba_threads
+from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners, _dot4
 
 __all__ = ["MAX_GROUP_CHANNELS", "SLOTS", "backward", "forward", "prefers_direct"]
 
@@ -373,6 +374,7 @@ def _channel_block(c_per: int, tasks_per_block: int) -> int:
     return max(1, block)
 
 
+@_numba_threads.scoped
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -391,22 +393,33 @@ def forward(
         (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype (computed in float64 for
         float64 inputs, float32 otherwise).
     """
-    _set_threads()
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     out_rows = torch.empty(p.n * p.length, p.c_out, dtype=p.dtype)
     b = torch.zeros(p.c_out, dtype=p.dtype) if bias is None else bias.detach().to(p.dtype)
     if out_rows.numel() > 0:
         if p.depthwise:
             w_kc = p.weight.reshape(p.c_out, p.k).t().contiguous()
-            _forward_depthwise(*p.common(), w_kc.numpy(), b.contiguous().numpy(), out_rows.numpy())
+            _numba_threads.launch(
+                _forward_depthwise,
+                *p.common(),
+                w_kc.numpy(),
+                b.contiguous().numpy(),
+                out_rows.numpy(),
+            )
         else:
-            _forward_grouped(
-                *p.common(), p.w_t().numpy(), p.c_pg, b.contiguous().numpy(), out_rows.numpy()
+            _numba_threads.launch(
+                _forward_grouped,
+                *p.common(),
+                p.w_t().numpy(),
+                p.c_pg,
+                b.contiguous().numpy(),
+                out_rows.numpy(),
             )
     out = out_rows.reshape(p.n, p.h_out, p.w_out, p.c_out).permute(0, 3, 1, 2)
     return out.to(input.dtype).contiguous()
 
 
+@_numba_threads.scoped
 def backward(
     grad_output: Tensor,
     input: Tensor,
@@ -430,7 +443,6 @@ def backward(
         and dtypes of their arguments; ``grad_mask`` / ``grad_bias`` are None when
         ``mask`` / ``bias`` is None.
     """
-    _set_threads()
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     need_x, need_off, need_mask, need_w, need_b = needs_grad
     need_om = need_off or (need_mask and mask is not None)
@@ -446,8 +458,8 @@ def backward(
     g_mask = p.x2.new_zeros(n_blocks if need_om else 1, p.n, p.n_off, p.k, p.length)
     go_base = torch.arange(p.c_in) // p.c_pg * p.cog
     if go.numel() > 0 and (need_x or need_om or need_w):
-        _backward(
-            *p.common(), go.numpy(), p.w_t().numpy(), go_base.numpy(), p.c_pg, block,
+        _numba_threads.launch(
+            _backward, *p.common(), go.numpy(), p.w_t().numpy(), go_base.numpy(), p.c_pg, block,
             n_blocks, slots, need_x, need_om, need_w,
             gx.numpy(), g_off.numpy(), g_mask.numpy(), g_w.numpy(),
         )  # fmt: skip

@@ -1,5 +1,9 @@
 """Which kernel runs a call: ``auto`` picks the fastest available for the device.
 
+The choice is context-local (a :mod:`contextvars` variable): a ``with use_backend(...)``
+block affects the calls made inside it, in its own thread or asyncio task only; new threads
+start with ``"auto"``.
+
 Backends:
     ``reference``: pure PyTorch (``kernels/reference.py``), every device,
     differentiable twice; runs as plain torch ops, not as a custom op.
@@ -10,6 +14,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -74,7 +79,7 @@ class FastBackend:
 
 # Ordered by preference; ``auto`` takes the first available one for the device.
 _FAST: list[FastBackend] = []
-_current = "auto"
+_CHOICE: contextvars.ContextVar[str] = contextvars.ContextVar("deformconv_backend", default="auto")
 
 
 def register(backend: FastBackend) -> None:
@@ -102,8 +107,15 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 
 
 def get_backend() -> str:
-    """The backend chosen by :func:`use_backend` (``"auto"`` by default)."""
-    return _current
+    """The backend chosen by :func:`use_backend` in this context (``"auto"`` by default).
+
+    Example:
+        >>> import deformconv
+        >>> with deformconv.use_backend("reference"):
+        ...     deformconv.get_backend()
+        'reference'
+    """
+    return _CHOICE.get()
 
 
 def _known() -> list[str]:
@@ -113,6 +125,9 @@ def _known() -> list[str]:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on one backend.
+
+    The choice holds for the current thread or asyncio task only (it is stored in a
+    :mod:`contextvars` variable), so concurrent code keeps its own choice.
 
     Args:
         name: ``"auto"`` (fastest available per device), ``"reference"``, or a fast
@@ -127,14 +142,13 @@ def use_backend(name: str) -> Iterator[None]:
         >>> y.shape
         torch.Size([1, 3, 3, 3])
     """
-    global _current
     if name not in _known():
         raise ValueError(f"use_backend: name must be one of {_known()}; got {name!r}")
-    previous, _current = _current, name
+    token = _CHOICE.set(name)
     try:
         yield
     finally:
-        _current = previous
+        _CHOICE.reset(token)
 
 
 def resolve(device_type: str) -> str:
@@ -144,11 +158,12 @@ def resolve(device_type: str) -> str:
         ValueError: the chosen backend cannot run on ``device_type`` here.
     """
     available = available_backends(device_type)
-    if _current == "auto":
+    current = _CHOICE.get()
+    if current == "auto":
         return available[0]
-    if _current not in available:
+    if current not in available:
         raise ValueError(
-            f"deformconv backend {_current!r} cannot run on device type {device_type!r} here; "
+            f"deformconv backend {current!r} cannot run on device type {device_type!r} here; "
             f"available: {available}"
         )
-    return _current
+    return current

@@ -3,15 +3,25 @@
 torch.compile, torch.export and ``torch.library.opcheck`` see a single node with a
 fake (shape-only) kernel and a registered autograd formula; the node calls the
 named backend's ``forward``, and ``deformconv::deform_conv2d_backward`` its
-``backward``. Double backward is not available through these ops: the eager
-reference path (plain torch ops, see :func:`deformconv.deform_conv2d`) has it.
+``backward``, computing only the gradients autograd needs (``needs_grad``).
+
+Double backward works on every backend: the backward op has its own autograd formula,
+the vector-Jacobian product of the first-order gradients computed by the reference
+(:func:`deformconv.kernels.reference.deform_conv2d_double_backward`, chunked under the
+reference's workspace bound).
 
 Backends served:
     - every fast backend registered in ``ops/_fast_backends.py``;
-    - ``"reference"``: forward by ``kernels/reference.py``, backward by
-      ``torch.autograd.grad`` of it. Eager calls on the reference backend do not use the
-      op (they run plain, twice-differentiable torch ops); ``torch.export`` does, so
-      an exported graph always holds one ``deformconv::deform_conv2d`` node.
+    - ``"reference"``: forward by ``kernels/reference.py``, backward by its chunked
+      ``torch.func.vjp`` (public API, works below autograd). Eager calls on the
+      reference backend do not use the op (they run plain, twice-differentiable torch
+      ops); ``torch.export`` does, so an exported graph always holds one
+      ``deformconv::deform_conv2d`` node.
+
+The backend contract's ``backward`` takes an optional keyword ``needs_grad``, a 5-tuple
+of bools for ``(input, offset, mask, weight, bias)``; a kernel may return None for an
+entry that is not needed. Kernels whose ``backward`` lacks the keyword get every
+gradient computed.
 
 What this layer does for every backend, so kernels need not:
     - Layout: arguments are made contiguous once, here (a channels_last input costs
@@ -34,6 +44,8 @@ What this layer does for every backend, so kernels need not:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -81,32 +93,20 @@ class _ReferenceKernels:
         stride: tuple[int, int],
         padding: tuple[int, int],
         dilation: tuple[int, int],
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-        leaves = [
-            None if t is None else t.detach().requires_grad_()
-            for t in (input, offset, mask, weight, bias)
-        ]
-        # Kernels run below autograd (its dispatch keys are excluded): re-enable them to
-        # differentiate the reference kernel.
-        with _autograd_dispatch(), torch.enable_grad():
-            x, off, m, w, b = leaves
-            out = reference.deform_conv2d(x, off, m, w, b, stride, padding, dilation)  # type: ignore[arg-type]
-            used = [t for t in leaves if t is not None]
-            grads = iter(torch.autograd.grad(out, used, grad_output))
-        gi, go, gm, gw, gb = (None if t is None else next(grads) for t in leaves)
-        return gi, go, gm, gw, gb  # type: ignore[return-value]
+        needs_grad: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        return reference.deform_conv2d_backward(
+            grad_output, input, offset, mask, weight, bias, stride, padding, dilation,
+            needs_grad,
+        )  # fmt: skip
 
 
-def _autograd_dispatch() -> Any:
-    """A guard under which autograd records again inside a custom op's kernel."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (
-        torch._C.DispatchKey.AutogradCPU,
-        torch._C.DispatchKey.AutogradCUDA,
-        torch._C.DispatchKey.ADInplaceOrView,
-    ):
-        exclude = exclude.remove(key)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+@functools.cache
+def _takes_needs_grad(backward: Any) -> bool:
+    try:
+        return "needs_grad" in inspect.signature(backward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _alert_not_deterministic(caller: str) -> None:
@@ -202,10 +202,12 @@ def deform_conv2d_backward_op(
     padding: Sequence[int],
     dilation: Sequence[int],
     backend: str,
+    needs_grad: Sequence[bool],
 ) -> list[Tensor]:
     """Gradients for (input, offset, mask, weight, bias); an empty tensor stands for None.
 
-    Each gradient is contiguous, with its argument's shape and dtype.
+    Each gradient is contiguous, with its argument's shape and dtype. ``needs_grad``
+    (5 bools) says which gradients to compute; the others come back empty.
     """
     device_type = input.device.type
     kernels = _kernels(backend, device_type)
@@ -215,19 +217,26 @@ def deform_conv2d_backward_op(
         )
     dt = _compute_dtype(kernels, input.dtype)
     originals = (input, offset, mask, weight, bias)
+    wanted = tuple(bool(w) and t is not None for w, t in zip(needs_grad, originals, strict=True))
     args = [_prepare(t, dt) for t in (grad_output, *originals)]
-    grads = kernels.backward(*args, _t(stride), _t(padding), _t(dilation))
+    geometry = (_t(stride), _t(padding), _t(dilation))
+    if _takes_needs_grad(kernels.backward):
+        grads = kernels.backward(*args, *geometry, needs_grad=wanted)
+    else:
+        grads = kernels.backward(*args, *geometry)
     return [
-        input.new_empty(0) if g is None or t is None else g.to(t.dtype).contiguous()
-        for g, t in zip(grads, originals, strict=True)
+        g.to(t.dtype).contiguous() if g is not None and t is not None and w else input.new_empty(0)
+        for g, t, w in zip(grads, originals, wanted, strict=True)
     ]
 
 
 @deform_conv2d_backward_op.register_fake
-def _(grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend):  # type: ignore[no-untyped-def]
+def _(
+    grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs_grad
+):  # type: ignore[no-untyped-def]
     return [
-        input.new_empty(0) if t is None else t.new_empty(t.shape)
-        for t in (input, offset, mask, weight, bias)
+        t.new_empty(t.shape) if t is not None and w else input.new_empty(0)
+        for t, w in zip((input, offset, mask, weight, bias), needs_grad, strict=True)
     ]
 
 
@@ -239,15 +248,41 @@ def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
 
 def _backward(ctx, grad_output):  # type: ignore[no-untyped-def]
     input, offset, mask, weight, bias = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     gi, go, gm, gw, gb = deform_conv2d_backward_op(
-        grad_output, input, offset, mask, weight, bias, *ctx.args
+        grad_output, input, offset, mask, weight, bias, *ctx.args, needs
     )
-    return (
-        gi, go, None if mask is None else gm, gw, None if bias is None else gb,
-        None, None, None, None,
+    originals = (input, offset, mask, weight, bias)
+    grads = [
+        g if n and t is not None else None
+        for g, n, t in zip((gi, go, gm, gw, gb), needs, originals, strict=True)
+    ]
+    return (*grads, None, None, None, None)
+
+
+def _setup_context_backward(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs = (
+        inputs
+    )
+    ctx.save_for_backward(grad_output, input, offset, mask, weight, bias)
+    ctx.args = (_t(stride), _t(padding), _t(dilation))
+    ctx.needs = [bool(n) for n in needs]
+
+
+def _double_backward(ctx, grad_grads):  # type: ignore[no-untyped-def]
+    grad_output, input, offset, mask, weight, bias = ctx.saved_tensors
+    cotangents = [
+        g if n and g is not None and g.numel() > 0 else None
+        for g, n in zip(grad_grads, ctx.needs, strict=True)
+    ]
+    grads = reference.deform_conv2d_double_backward(
+        cotangents, grad_output, input, offset, mask, weight, bias, *ctx.args,
+        needs_grad=[bool(n) for n in ctx.needs_input_grad[:6]],
     )  # fmt: skip
+    return (*grads, None, None, None, None, None)
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+deform_conv2d_backward_op.register_autograd(_double_backward, setup_context=_setup_context_backward)
 for _device_type in ("cpu", "cuda"):
     torch.library.register_autocast("deformconv::deform_conv2d", _device_type, torch.float32)

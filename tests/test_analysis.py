@@ -9,11 +9,16 @@ from torch import nn
 
 from deformconv import DeformConv2d
 from deformconv.analysis import (
+    REGIONS,
+    area_terciles,
+    assign_units,
     effective_dilation,
     layer_effective_dilation,
     plot_offset_field,
     plot_sampling_locations,
+    region_statistics,
     sampling_field,
+    size_buckets,
     trace_sampling_locations,
 )
 
@@ -195,3 +200,118 @@ def test_plots_draw_something(tmp_path):
     plt.close(fig)
     image = plt.imread(tmp_path / "a.png")
     assert image[..., :3].std() > 0.05
+
+
+# --- the paper's protocol: size buckets, unit-to-box assignment, statistics per region ---
+
+
+def test_rotated_grid_keeps_its_dilation():
+    """Offsets that rotate a dilation-2 grid by 30 degrees about its centre: still 2.0."""
+    a = math.radians(30)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    grid = torch.stack(torch.meshgrid(torch.arange(3.0), torch.arange(3.0), indexing="ij"), -1)
+    p = (grid.reshape(9, 2) - 1) * 2  # dilation-2 positions relative to the centre
+    offset = (p @ rot.T - p).reshape(1, 18, 1, 1)
+    assert effective_dilation(offset, 3, 2).item() == pytest.approx(2.0)
+
+
+def test_offsets_emulating_dilation_4_on_a_dilation_2_layer():
+    grid = torch.stack(torch.meshgrid(torch.arange(3.0), torch.arange(3.0), indexing="ij"), -1)
+    offset = ((grid - 1) * 2).reshape(1, 18, 1, 1).expand(2, 18, 5, 5)  # 2 -> 4
+    torch.testing.assert_close(effective_dilation(offset, 3, 2), torch.full((2, 1, 5, 5), 4.0))
+
+
+def test_area_terciles_match_numpy_quantiles():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(40, 2, generator=g) * 50
+    wh = torch.rand(40, 2, generator=g) * 30 + 1
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    b = boxes.double().numpy()
+    expected = np.quantile((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), [1 / 3, 2 / 3])
+    torch.testing.assert_close(area_terciles(boxes), torch.from_numpy(expected).float())
+
+
+def test_size_buckets_split_at_the_terciles():
+    sides = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # areas 1, 4, 9, 16, 25, 36
+    boxes = torch.tensor([[10.0, 10.0, 10.0 + s, 10.0 + s] for s in sides])
+    buckets = size_buckets(boxes, area_terciles(boxes))  # terciles 7.33 and 19
+    assert buckets.tolist() == [0, 0, 1, 1, 2, 2]
+    assert size_buckets(boxes, torch.tensor([4.0, 25.0])).tolist() == [0, 1, 1, 1, 2, 2]
+
+
+def _assign_by_hand(boxes, buckets, h, w, stride):
+    out = []
+    for i in range(h):
+        row = []
+        for j in range(w):
+            y, x = i * stride, j * stride
+            holding = [
+                ((b[2] - b[0]) * (b[3] - b[1]), k)
+                for k, b in enumerate(boxes.tolist())
+                if b[0] <= x < b[2] and b[1] <= y < b[3]
+            ]
+            row.append(int(buckets[min(holding)[1]]) if holding else 3)
+        out.append(row)
+    return out
+
+
+def test_units_go_to_the_smallest_box_holding_their_centre():
+    # a hand-built 64x64 scene at stride 8: a large box, a small box inside it, a medium
+    # box overlapping the large one, and a box whose edges fall exactly on unit centres
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 40.0, 40.0],  # large
+            [15.0, 15.0, 26.0, 26.0],  # small, inside the large one: holds (16,16), (24,24)
+            [32.0, 32.0, 56.0, 48.0],  # medium, overlaps the large one at (32, 32)
+            [56.0, 0.0, 57.0, 9.0],  # small: x1 = 56 holds column 7; y2 = 9 > 8 holds row 1
+        ]
+    )
+    buckets = torch.tensor([2, 0, 1, 0])
+    regions = assign_units(boxes, buckets, (8, 8), stride=8)
+    expected = [
+        [2, 2, 2, 2, 2, 3, 3, 0],
+        [2, 2, 2, 2, 2, 3, 3, 0],
+        [2, 2, 0, 0, 2, 3, 3, 3],
+        [2, 2, 0, 0, 2, 3, 3, 3],
+        [2, 2, 2, 2, 1, 1, 1, 3],
+        [3, 3, 3, 3, 1, 1, 1, 3],
+        [3, 3, 3, 3, 3, 3, 3, 3],
+        [3, 3, 3, 3, 3, 3, 3, 3],
+    ]
+    assert regions.tolist() == expected
+    assert _assign_by_hand(boxes, buckets, 8, 8, 8) == expected
+
+
+def test_assignment_matches_a_loop_on_random_boxes():
+    g = torch.Generator().manual_seed(1)
+    xy = torch.randint(0, 60, (12, 2), generator=g).float()
+    wh = torch.randint(1, 40, (12, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    buckets = torch.randint(0, 3, (12,), generator=g)
+    regions = assign_units(boxes, buckets, (10, 9), stride=7, origin=3)
+    shifted = boxes - 3  # origin 3: unit centres at 3 + 7i
+    assert regions.tolist() == _assign_by_hand(shifted, buckets, 10, 9, 7)
+    assert (assign_units(boxes[:0], buckets[:0], (2, 3), stride=8) == 3).all()
+
+
+def test_region_statistics_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 10.0, 6.0]])
+    regions = torch.tensor([[0, 0, 2], [2, 3, 2]])
+    stats = {s["bucket"]: s for s in region_statistics(values, regions)}
+    assert stats["small"]["mean"] == 1.5 and stats["small"]["count"] == 2
+    assert stats["small"]["std"] == pytest.approx(math.sqrt(0.5))
+    assert stats["large"]["mean"] == pytest.approx(13 / 3)
+    assert stats["medium"]["count"] == 0 and math.isnan(stats["medium"]["mean"])
+    assert stats["background"]["mean"] == 10.0 and math.isnan(stats["background"]["std"])
+    assert [s["bucket"] for s in region_statistics(values, regions)] == list(REGIONS)
+
+
+def test_protocol_errors():
+    with pytest.raises(ValueError, match=r"boxes must be \(M, 4\)"):
+        area_terciles(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="at least one box"):
+        area_terciles(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="buckets must have shape"):
+        assign_units(torch.zeros(2, 4), torch.zeros(3), (2, 2), stride=8)
+    with pytest.raises(ValueError, match="same shape"):
+        region_statistics(torch.zeros(3), torch.zeros(4, dtype=torch.long))

@@ -1,54 +1,171 @@
-"""``deformconv demo``: plain vs deformable CNN on scale-varied handwritten digits."""
+"""``deformconv demo``: plain vs deformable networks on handwritten digits.
+
+``--task classify`` (default): one digit per image at 0.5x-2.5x scale.
+``--task segment``: semantic segmentation of digit scenes (plain, deformable and atrous
+heads; effective dilation by object size). ``--task detect``: detection on digit scenes.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 NAME = "demo"
 HELP = (
-    "Train the same small CNN plain and with its last 3 convs deformable on MNIST digits "
-    "pasted at 0.5x-2.5x scale; print accuracy per scale and draw what the offsets learned."
+    "Train the same small network plain and deformable on handwritten digits: classify "
+    "digits pasted at 0.5x-2.5x scale (default), or segment / detect digits in scenes; print "
+    "the scores and what the offsets learned."
 )
+TASKS = ("classify", "segment", "detect")
+
+# Options shared by the tasks with a default of None take the task's value from here.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {
+        "epochs": 5,
+        "samples_per_epoch": 6000,
+        "batch_size": 64,
+        "offset_lr_mult": 0.1,
+        "width": 32,
+        "canvas": 64,
+        "val_samples": 1000,
+        "test_samples": 2000,
+    },
+    "segment": {
+        "epochs": 4,
+        "samples_per_epoch": 4800,
+        "batch_size": 16,
+        "offset_lr_mult": 1.0,
+        "width": 64,
+        "canvas": 128,
+        "val_samples": 200,
+        "test_samples": 300,
+    },
+}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two integers as LOW,HIGH; got {text!r}"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this subcommand's options."""
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    parser.add_argument(
+        "--task", choices=TASKS, default="classify", help="what to train (default: classify)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (runs/<task>)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, data, init")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoints in --out")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--samples-per-epoch", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    parser.add_argument("--epochs", type=int, default=None, help="classify 5, segment 4")
+    parser.add_argument(
+        "--samples-per-epoch",
+        type=int,
+        default=None,
+        help="training samples (scenes) per epoch: classify 6000, segment 4800",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="global batch size: classify 64, segment 16"
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument(
         "--offset-lr-mult",
         type=float,
-        default=0.1,
-        help="learning-rate multiplier of the offset predictors (DCNv2 uses 0.1)",
+        default=None,
+        help="learning-rate multiplier of the offset predictors: classify 0.1 (as DCNv2), "
+        "segment 1.0",
     )
-    parser.add_argument("--width", type=int, default=32, help="channels of the 16x16 maps")
+    parser.add_argument(
+        "--width", type=int, default=None, help="channels of the last maps: classify 32, segment 64"
+    )
     parser.add_argument("--modulated", action="store_true", help="DCNv2 layers (learned mask)")
-    parser.add_argument("--canvas", type=int, default=64, help="canvas side in pixels")
+    parser.add_argument(
+        "--canvas", type=int, default=None, help="canvas side in pixels: classify 64, segment 128"
+    )
     parser.add_argument("--scale-min", type=float, default=0.5)
     parser.add_argument("--scale-max", type=float, default=2.5)
     parser.add_argument("--rotation", type=float, default=0.0, help="max |rotation| in degrees")
-    parser.add_argument("--val-samples", type=int, default=1000)
-    parser.add_argument("--test-samples", type=int, default=2000)
+    parser.add_argument(
+        "--val-samples",
+        type=int,
+        default=None,
+        help="val samples (scenes): classify 1000, segment 200",
+    )
+    parser.add_argument(
+        "--test-samples",
+        type=int,
+        default=None,
+        help="test samples (scenes): classify 2000, segment 300",
+    )
     parser.add_argument(
         "--dilation-samples",
         type=int,
         default=512,
-        help="test samples for the effective-dilation table",
+        help="classify: test samples for the effective-dilation table",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    seg = parser.add_argument_group("segment (--task segment)")
+    seg.add_argument(
+        "--variants",
+        default="plain,deform_last3",
+        help="comma-separated variants or 'all': plain, deform_last1, deform_last2, "
+        "deform_last3, atrous4, atrous6, atrous8 (default: plain,deform_last3)",
+    )
+    seg.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated training seeds (init and order), e.g. 0,1,2 for mean ± std; "
+        "default: --seed",
+    )
+    seg.add_argument(
+        "--digits-per-scene", type=_pair, default=(2, 6), help="LOW,HIGH digits per scene"
+    )
+    seg.add_argument(
+        "--height-range", type=_pair, default=(10, 110), help="LOW,HIGH digit height in pixels"
+    )
+    seg.add_argument(
+        "--base-dilation", type=int, default=2, help="dilation of the head's 3x3 convs"
+    )
+
+
+def resolve_task_defaults(args: argparse.Namespace) -> None:
+    """Fill the shared options left at None with the task's defaults (:data:`TASK_DEFAULTS`)."""
+    for key, value in TASK_DEFAULTS.get(args.task, {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = Path("runs/demo" if args.task == "classify" else f"runs/{args.task}")
+
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo (also under ``torchrun --nproc_per_node=N``: DDP, gloo on CPU)."""
+    import importlib
     import os
+
+    resolve_task_defaults(args)
+    if args.task == "segment":
+        from deformconv.demos.segment import run as run_segment
+
+        return run_segment(args)
+    if args.task == "detect":
+        try:
+            detect = importlib.import_module("deformconv.demos.detect")
+        except ModuleNotFoundError as err:
+            if err.name != "deformconv.demos.detect":
+                raise
+            raise SystemExit(
+                "deformconv demo: --task detect needs deformconv.demos.detect, which this "
+                "installation does not have"
+            ) from err
+        return int(detect.run(args))
 
     import torch
 

@@ -1,4 +1,4 @@
-"""Training and evaluation for the digits demo: single process or DDP, atomic checkpoints."""
+"""Training and evaluation for the digit demos: single process or DDP, atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -138,6 +138,7 @@ def train(
     extra_state: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place, checkpointing after every epoch.
 
@@ -149,7 +150,10 @@ def train(
 
     Args:
         model: the network, already on ``device``.
-        dataset: yields ``(image, label, bucket, box)``; ``set_epoch`` is called if present.
+        dataset: yields samples whose batches (after ``collate_fn``) start with
+            ``(images, labels)``: labels (N,) classes for classification, (N, H, W)
+            per-pixel classes for segmentation (cross-entropy over every pixel);
+            ``set_epoch`` is called if present.
         config: optimisation settings.
         checkpoint: where to write ``{model, optimizer, epoch, step, history, ...}``.
         resume: continue from ``checkpoint`` if it exists.
@@ -160,6 +164,7 @@ def train(
         extra_state: stored in the checkpoint as is (model and data settings).
         on_epoch_end: called with the number of finished epochs after each checkpoint.
         log: where messages go.
+        collate_fn: the ``DataLoader``'s ``collate_fn`` (None: the default one).
 
     Returns:
         The history: one ``{"epoch", "loss", "accuracy", "seconds"}`` per epoch.
@@ -176,7 +181,9 @@ def train(
         seed=config.seed,
         drop_last=True,
     )
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate_fn
+    )
     optimizer = torch.optim.AdamW(_param_groups(model, config))
     total = config.epochs * len(loader)
     start_epoch, step, history = 0, 0, []
@@ -207,7 +214,8 @@ def train(
             leave=False,
             dynamic_ncols=True,
         )
-        for images, labels, _, _ in bar:
+        for batch in bar:
+            images, labels = batch[0], batch[1]
             for g in optimizer.param_groups:
                 g["lr"] = config.lr * g["lr_mult"] * _lr_factor(step, total, config.warmup_steps)
             images, labels = images.to(device), labels.to(device)
@@ -217,9 +225,9 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
-            seen += len(labels)
+            seen += labels.numel()
             correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += float(loss.detach()) * len(labels)
+            loss_sum += float(loss.detach()) * labels.numel()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
         record = {

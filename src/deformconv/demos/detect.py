@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,15 +31,20 @@ from deformconv.demos.digits import load_digits
 from deformconv.demos.scenes import DigitScenes, Scene
 from deformconv.demos.train import Distributed, load_checkpoint, save_checkpoint
 
+if TYPE_CHECKING:
+    from deformconv.nn import DeformMultiScaleRoIAlign
+
 __all__ = [
     "VARIANTS",
     "Backbone",
     "DetectorConfig",
     "build_detector",
     "evaluate_detector",
+    "parse_variants",
     "results_markdown",
     "roi_bins",
     "run",
+    "run_detect",
     "train_detector",
 ]
 
@@ -119,7 +124,7 @@ class Backbone(nn.Module):
 
 
 def build_detector(config: DetectorConfig) -> nn.Module:
-    """torchvision ``FasterRCNN`` on a :class:`Backbone`, sized for CPU training.
+    """Build torchvision's ``FasterRCNN`` on a :class:`Backbone`, sized for CPU training.
 
     RPN and RoI sampling are reduced from torchvision's defaults (300 / 100 proposals
     before / after NMS, 64 anchors and 32 RoIs per image), which makes a step several times
@@ -152,16 +157,17 @@ def build_detector(config: DetectorConfig) -> nn.Module:
             f"build_detector: variant must be one of {list(VARIANTS)}; got {config.variant!r}"
         )
     backbone = Backbone(config.width)
-    if config.variant in ("deform_conv", "both"):
-        deformify(backbone, last=3, modulated=config.modulated)
-    pool: MultiScaleRoIAlign
-    if config.variant in ("deform_roi_pool", "both"):
-        pool = DeformMultiScaleRoIAlign(
-            ["0"], 7, 2, in_channels=config.width, hidden_features=config.hidden,
-            modulated=config.modulated,
-        )  # fmt: skip
-    else:
-        pool = MultiScaleRoIAlign(["0"], 7, 2)
+    box_head = TwoMLPHead(config.width * 49, config.hidden)
+    box_predictor = FastRCNNPredictor(config.hidden, NUM_CLASSES + 1)
+    pool: MultiScaleRoIAlign = MultiScaleRoIAlign(["0"], 7, 2)
+    with torch.random.fork_rng():  # the deformable parts leave the shared weights alone
+        if config.variant in ("deform_conv", "both"):
+            deformify(backbone, last=3, modulated=config.modulated)
+        if config.variant in ("deform_roi_pool", "both"):
+            pool = DeformMultiScaleRoIAlign(
+                ["0"], 7, 2, in_channels=config.width, hidden_features=config.hidden,
+                modulated=config.modulated,
+            )  # fmt: skip
     return FasterRCNN(
         backbone,
         min_size=config.canvas,
@@ -175,8 +181,8 @@ def build_detector(config: DetectorConfig) -> nn.Module:
         rpn_post_nms_top_n_test=100,
         rpn_batch_size_per_image=64,
         box_roi_pool=pool,
-        box_head=TwoMLPHead(config.width * 49, config.hidden),
-        box_predictor=FastRCNNPredictor(config.hidden, NUM_CLASSES + 1),
+        box_head=box_head,
+        box_predictor=box_predictor,
         box_batch_size_per_image=32,
     )
 
@@ -365,7 +371,7 @@ def evaluate_detector(
     return coco_metrics(predictions, targets, NUM_CLASSES)
 
 
-def roi_bins(pool: nn.Module, boxes: Tensor) -> Tensor:
+def roi_bins(pool: DeformMultiScaleRoIAlign, boxes: Tensor) -> Tensor:
     """Where the deformable pooler's bins of ``boxes`` lie, after its last forward.
 
     Args:
@@ -430,8 +436,13 @@ def _draw_detections(
             for box in scene.boxes.tolist():
                 ax.add_patch(
                     Rectangle(
-                        (box[0], box[1]), box[2] - box[0], box[3] - box[1],
-                        fill=False, ec="lime", lw=0.8, ls="--",
+                        (box[0], box[1]),
+                        box[2] - box[0],
+                        box[3] - box[1],
+                        fill=False,
+                        ec="lime",
+                        lw=0.8,
+                        ls="--",
                     )  # fmt: skip
                 )
             keep = out["scores"] >= 0.5
@@ -443,8 +454,12 @@ def _draw_detections(
             ):
                 ax.add_patch(
                     Rectangle(
-                        (box[0], box[1]), box[2] - box[0], box[3] - box[1],
-                        fill=False, ec="red", lw=1.0,
+                        (box[0], box[1]),
+                        box[2] - box[0],
+                        box[3] - box[1],
+                        fill=False,
+                        ec="red",
+                        lw=1.0,
                     )  # fmt: skip
                 )
                 ax.text(box[0], box[1] - 1, f"{label - 1} {score:.2f}", color="red", fontsize=6)
@@ -476,7 +491,7 @@ def _draw_roi_bins(
         len(names), count, figsize=(2.6 * count, 2.7 * len(names)), squeeze=False
     )
     for row, name in enumerate(names):
-        model = models[name].eval()
+        model: Any = models[name].eval()
         pool = _box_pool(model)
         for col in range(count):
             scene = scenes[col]
@@ -498,9 +513,7 @@ def _draw_roi_bins(
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="yellow", lw=1.2))
             for b in bins.tolist():
                 ax.add_patch(
-                    Rectangle(
-                        (b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=0.4
-                    )
+                    Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=0.4)
                 )
             centres = (bins[:, :2] + bins[:, 2:]) / 2
             ax.plot(centres[:, 0], centres[:, 1], "r.", ms=2)
@@ -510,10 +523,26 @@ def _draw_roi_bins(
     plt.close(fig)
 
 
-def _box_pool(model: nn.Module) -> nn.Module:
-    pool = model.roi_heads.box_roi_pool
-    assert isinstance(pool, nn.Module)
-    return pool
+def _box_pool(model: Any) -> Any:
+    return model.roi_heads.box_roi_pool
+
+
+def parse_variants(text: str) -> list[str]:
+    """``"all"`` or a comma-separated subset of :data:`VARIANTS`, in the paper's order.
+
+    Example:
+        >>> parse_variants("both,plain")
+        ['plain', 'both']
+    """
+    if text.strip() == "all":
+        return list(VARIANTS)
+    chosen = {v.strip() for v in text.split(",") if v.strip()}
+    if not chosen or not chosen <= set(VARIANTS):
+        raise ValueError(
+            f"demo --task detect: --variants must be 'all' or a comma-separated subset of "
+            f"{list(VARIANTS)}; got {text!r}"
+        )
+    return [v for v in VARIANTS if v in chosen]
 
 
 def data_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -521,10 +550,10 @@ def data_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "seed": args.seed,
         "canvas": args.canvas,
-        "height_range": [args.height_min, args.height_max],
-        "digits_per_scene": [args.digits_min, args.digits_max],
-        "val_scenes": args.val_scenes,
-        "test_scenes": args.test_scenes,
+        "height_range": list(args.height_range),
+        "digits_per_scene": list(args.digits_per_scene),
+        "val_scenes": args.val_samples,
+        "test_scenes": args.test_samples,
     }
 
 
@@ -542,34 +571,68 @@ def _scenes(
     )
 
 
-def run(args: argparse.Namespace, ddp: Distributed | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``deformconv demo --task detect`` (also under ``torchrun``: DDP, gloo on CPU)."""
+    import os
+
+    from deformconv.cli import write_resolved_args
+    from deformconv.demos.train import init_distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp = init_distributed(args.device)
+    if args.device.startswith("cuda") and ddp.world_size > 1:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if ddp.main:
+        import deformconv
+
+        write_resolved_args(args, args.out)
+        print(
+            f"deformconv {deformconv.__version__}: detection on digit scenes; backend on "
+            f"{args.device}: {deformconv.available_backends(torch.device(args.device).type)[0]}; "
+            f"{ddp.world_size} process(es), {torch.get_num_threads()} thread(s) each"
+        )
+    try:
+        return run_detect(args, ddp)
+    finally:
+        if ddp.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run_detect(
+    args: argparse.Namespace,
+    ddp: Distributed,
+    *,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> int:
     """Train, evaluate and draw every variant in ``args.variants``; write ``args.out``.
 
     Writes ``<variant>.pt`` (checkpoints), ``results.csv`` and ``results.md`` (one row
     per variant: test ``map50, map70, map, map_small, map_medium, map_large, ar100``,
-    validation ``val_map50, val_map70``, ``train_seconds``), ``detections.png`` and
-    ``roi_bins.png`` (rank 0 only).
+    validation ``val_map50, val_map70``, ``train_loss, train_seconds``),
+    ``detections.png`` and ``roi_bins.png`` (rank 0 only).
 
     Args:
         args: the parsed ``deformconv demo --task detect`` options.
-        ddp: this process's DDP rank (world 1 when None).
+        ddp: this process's DDP rank.
+        on_checkpoint: called with the step after each checkpoint.
 
     Returns:
         The exit code, 0.
     """
     from deformconv.demos.figures import write_table
 
-    ddp = ddp or Distributed()
     started = time.perf_counter()
     out: Path = args.out
+    variants = parse_variants(args.variants)
     data = data_config(args)
     digits = load_digits()
     train_scenes = _scenes(data, "train", args.steps * args.batch_size, digits)
-    val_scenes = _scenes(data, "val", args.val_scenes, digits)
-    test_scenes = _scenes(data, "test", args.test_scenes, digits)
+    val_scenes = _scenes(data, "val", args.val_samples, digits)
+    test_scenes = _scenes(data, "test", args.test_samples, digits)
     rows: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {}
-    for variant in args.variants:
+    for variant in variants:
         config = DetectorConfig(
             variant=variant,
             width=args.width,
@@ -611,6 +674,7 @@ def run(args: argparse.Namespace, ddp: Distributed | None = None) -> int:
             progress=not args.no_progress,
             desc=variant,
             extra_state=settings,
+            on_checkpoint=on_checkpoint,
         )
         models[variant] = model
         if ddp.main:
@@ -637,7 +701,7 @@ def run(args: argparse.Namespace, ddp: Distributed | None = None) -> int:
         cpu = {name: m.to("cpu") for name, m in models.items()}
         _draw_detections(cpu, test_scenes, out / "detections.png")
         _draw_roi_bins(cpu, test_scenes, out / "roi_bins.png")
-        print(f"\n{args.test_scenes} test scenes of unseen digits (COCO AP, pycocotools):")
+        print(f"\n{args.test_samples} test scenes of unseen digits (COCO AP by pycocotools):")
         print(markdown)
         print(f"wrote {out}/ ({time.perf_counter() - started:.0f} s)")
     ddp.barrier()

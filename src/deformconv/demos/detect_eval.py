@@ -32,7 +32,8 @@ METRICS = ("map50", "map70", "map", "map_small", "map_medium", "map_large", "ar1
 def _to_coco(
     targets: Sequence[dict[str, Tensor]], num_classes: int
 ) -> dict[str, list[dict[str, object]]]:
-    images, annotations = [], []
+    images: list[dict[str, object]] = []
+    annotations: list[dict[str, object]] = []
     for image_id, target in enumerate(targets):
         images.append({"id": image_id})
         for box, label in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
@@ -47,7 +48,7 @@ def _to_coco(
                     "iscrowd": 0,
                 }
             )
-    categories = [{"id": c} for c in range(1, num_classes + 1)]
+    categories: list[dict[str, object]] = [{"id": c} for c in range(1, num_classes + 1)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 

@@ -573,11 +573,18 @@ def _scenes(
 
 def run(args: argparse.Namespace) -> int:
     """``deformconv demo --task detect`` (also under ``torchrun``: DDP, gloo on CPU)."""
+    import importlib.util
     import os
 
     from deformconv.cli import write_resolved_args
     from deformconv.demos.train import init_distributed
 
+    missing = [m for m in ("torchvision", "pycocotools") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"deformconv demo --task detect needs {' and '.join(missing)}: "
+            "pip install 'deformconv[detection]'"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp = init_distributed(args.device)

@@ -19,7 +19,7 @@ HELP = (
 )
 TASKS = ("classify", "segment", "detect")
 
-# Options shared by the tasks with a default of None take the task's value from here.
+# Options shared by the tasks: a value the user did not give is the task's value from here.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classify": {
         "lr": 3e-3,
@@ -40,7 +40,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "offset_lr_mult": 1.0,
         "width": 64,
-        "canvas": 128,
+        "canvas": 96,
         "val_samples": 200,
         "test_samples": 300,
     },
@@ -56,6 +56,19 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "variants": "all",
     },
 }
+
+
+class _DefaultInt(int):
+    """An option's default (not given by the user), which another task may replace."""
+
+
+class _DefaultFloat(float):
+    """An option's default (not given by the user), which another task may replace."""
+
+
+def _default(key: str) -> int | float:
+    value = TASK_DEFAULTS["classify"][key]
+    return _DefaultInt(value) if isinstance(value, int) else _DefaultFloat(value)
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -77,15 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, data, init")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoints in --out")
-    parser.add_argument("--epochs", type=int, default=None, help="classify 5, segment 4")
+    parser.add_argument(
+        "--epochs", type=int, default=_default("epochs"), help="classify 5, segment 4"
+    )
     parser.add_argument(
         "--samples-per-epoch",
         type=int,
-        default=None,
+        default=_default("samples_per_epoch"),
         help="training samples (scenes) per epoch: classify 6000, segment 4800",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="global batch size: classify 64, segment 16"
+        "--batch-size",
+        type=int,
+        default=_default("batch_size"),
+        help="global batch size: classify 64, segment 16",
     )
     parser.add_argument(
         "--lr", type=float, default=None, help="peak AdamW learning rate: 3e-3, detect 1e-3"
@@ -93,16 +111,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--offset-lr-mult",
         type=float,
-        default=None,
+        default=_default("offset_lr_mult"),
         help="learning-rate multiplier of the offset predictors: classify 0.1 (as DCNv2), "
         "segment 1.0",
     )
     parser.add_argument(
-        "--width", type=int, default=None, help="channels of the last maps: classify 32, segment 64"
+        "--width",
+        type=int,
+        default=_default("width"),
+        help="channels of the last maps: classify 32, segment 64",
     )
     parser.add_argument("--modulated", action="store_true", help="DCNv2 layers (learned mask)")
     parser.add_argument(
-        "--canvas", type=int, default=None, help="canvas side in pixels: classify 64, segment 128"
+        "--canvas",
+        type=int,
+        default=_default("canvas"),
+        help="canvas side in pixels: classify 64, segment 96",
     )
     parser.add_argument("--scale-min", type=float, default=0.5)
     parser.add_argument("--scale-max", type=float, default=2.5)
@@ -110,13 +134,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-samples",
         type=int,
-        default=None,
+        default=_default("val_samples"),
         help="val samples (scenes): classify 1000, segment 200",
     )
     parser.add_argument(
         "--test-samples",
         type=int,
-        default=None,
+        default=_default("test_samples"),
         help="test samples (scenes): classify 2000, segment 300",
     )
     parser.add_argument(
@@ -143,10 +167,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: --seed",
     )
     seg.add_argument(
-        "--digits-per-scene", type=_pair, default=(2, 6), help="LOW,HIGH digits per scene"
+        "--digits-per-scene", type=_pair, default=(2, 4), help="LOW,HIGH digits per scene"
     )
     seg.add_argument(
-        "--height-range", type=_pair, default=(10, 110), help="LOW,HIGH digit height in pixels"
+        "--height-range", type=_pair, default=(10, 77), help="LOW,HIGH digit height in pixels"
     )
     seg.add_argument(
         "--base-dilation", type=int, default=2, help="dilation of the head's 3x3 convs"
@@ -169,9 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_task_defaults(args: argparse.Namespace) -> None:
-    """Fill the shared options left at None with the task's defaults (:data:`TASK_DEFAULTS`)."""
+    """Give the shared options the user left out the task's values (:data:`TASK_DEFAULTS`)."""
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
-        if getattr(args, key, None) is None:
+        if isinstance(getattr(args, key, None), (_DefaultInt, _DefaultFloat)):
             setattr(args, key, value)
     if args.out is None:
         args.out = Path("runs/demo" if args.task == "classify" else f"runs/{args.task}")

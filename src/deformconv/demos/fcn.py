@@ -92,7 +92,9 @@ class SegmentationFCN(nn.Module):
         return F.pad(up, (0, s - 1, 0, s - 1), mode="replicate")
 
 
-def build_segmenter(variant: str, *, width: int = 64, dilation: int = 2) -> SegmentationFCN:
+def build_segmenter(
+    variant: str, *, width: int = 64, dilation: int = 2, modulated: bool = False
+) -> SegmentationFCN:
     """The network of one experiment variant (see :data:`VARIANTS`).
 
     Build two variants under the same ``torch.manual_seed`` and they start from the
@@ -102,6 +104,7 @@ def build_segmenter(variant: str, *, width: int = 64, dilation: int = 2) -> Segm
         variant: one of :data:`VARIANTS`.
         width: channels of the stride-8 maps.
         dilation: base dilation of the head (``atrousD`` overrides it with D).
+        modulated: make the deformable layers modulated (DCNv2).
 
     Example:
         >>> build_segmenter("deform_last2", width=8).deformified
@@ -116,5 +119,5 @@ def build_segmenter(variant: str, *, width: int = 64, dilation: int = 2) -> Segm
     model = SegmentationFCN(width=width, dilation=dilation)
     if variant.startswith("deform_last"):
         count = int(variant.removeprefix("deform_last"))
-        deformify(model, names=list(HEAD_LAYERS[-count:]))
+        deformify(model, names=list(HEAD_LAYERS[-count:]), modulated=modulated)
     return model

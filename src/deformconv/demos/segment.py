@@ -336,7 +336,12 @@ def run_segment(
             seed=seed,
         )
         for variant in variants:
-            model_config = {"variant": variant, "width": args.width, "dilation": args.base_dilation}
+            model_config = {
+                "variant": variant,
+                "width": args.width,
+                "dilation": args.base_dilation,
+                "modulated": args.modulated,
+            }
             checkpoint = out / _checkpoint_name(variant, seed, several)
             if args.resume and checkpoint.exists():
                 stored = load_checkpoint(checkpoint)
@@ -347,7 +352,7 @@ def run_segment(
                         f"{stored.get('data')}); use the same options or another --out"
                     )
             torch.manual_seed(seed)  # every variant starts from the same weights
-            model = build_segmenter(variant, width=args.width, dilation=args.base_dilation)
+            model = build_segmenter(**model_config)
             model = model.to(args.device)
             t0 = time.perf_counter()
             train(

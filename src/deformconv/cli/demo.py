@@ -106,7 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="global batch size: classify 64, segment 16",
     )
     parser.add_argument(
-        "--lr", type=float, default=None, help="peak AdamW learning rate: 3e-3, detect 1e-3"
+        "--lr",
+        type=float,
+        default=_default("lr"),
+        help="peak AdamW learning rate: 3e-3, detect 1e-3",
     )
     parser.add_argument(
         "--offset-lr-mult",
@@ -195,7 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_task_defaults(args: argparse.Namespace) -> None:
     """Give the shared options the user left out the task's values (:data:`TASK_DEFAULTS`)."""
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
-        if isinstance(getattr(args, key, None), (_DefaultInt, _DefaultFloat)):
+        given = getattr(args, key, None)
+        if given is None or isinstance(given, (_DefaultInt, _DefaultFloat)):
             setattr(args, key, value)
     if args.out is None:
         args.out = Path("runs/demo" if args.task == "classify" else f"runs/{args.task}")

@@ -22,6 +22,7 @@ TASKS = ("classify", "segment", "detect")
 # Options shared by the tasks: a value the user did not give is the task's value from here.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classify": {
+        "lr": 3e-3,
         "epochs": 5,
         "samples_per_epoch": 6000,
         "batch_size": 64,
@@ -32,6 +33,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "test_samples": 2000,
     },
     "segment": {
+        "lr": 3e-3,
+        "variants": "plain,deform_last3",
         "epochs": 4,
         "samples_per_epoch": 4800,
         "batch_size": 16,
@@ -40,6 +43,17 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "canvas": 96,
         "val_samples": 200,
         "test_samples": 300,
+    },
+    # --- detect (--task detect) ---
+    "detect": {
+        "batch_size": 8,
+        "lr": 1e-3,
+        "offset_lr_mult": 1.0,
+        "width": 64,
+        "canvas": 128,
+        "val_samples": 200,
+        "test_samples": 500,
+        "variants": "all",
     },
 }
 
@@ -91,7 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_default("batch_size"),
         help="global batch size: classify 64, segment 16",
     )
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=_default("lr"),
+        help="peak AdamW learning rate: 3e-3, detect 1e-3",
+    )
     parser.add_argument(
         "--offset-lr-mult",
         type=float,
@@ -139,9 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seg = parser.add_argument_group("segment (--task segment)")
     seg.add_argument(
         "--variants",
-        default="plain,deform_last3",
+        default=None,
         help="comma-separated variants or 'all': plain, deform_last1, deform_last2, "
-        "deform_last3, atrous4, atrous6, atrous8 (default: plain,deform_last3)",
+        "deform_last3, atrous4, atrous6, atrous8 (default: plain,deform_last3); detect: "
+        "plain, deform_conv, deform_roi_pool, both (default: all)",
     )
     seg.add_argument(
         "--seeds",
@@ -159,11 +179,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base-dilation", type=int, default=2, help="dilation of the head's 3x3 convs"
     )
 
+    # --- detect (--task detect); it also reads --variants, --digits-per-scene,
+    # --height-range and the shared options above ---
+    det = parser.add_argument_group("detect (--task detect)")
+    det.add_argument("--steps", type=int, default=300, help="training steps per variant")
+    det.add_argument(
+        "--hidden", type=int, default=256, help="width of the box head and the offset head"
+    )
+    det.add_argument(
+        "--anchor-sizes",
+        type=lambda text: tuple(int(v) for v in text.split(",")),
+        default=(12, 24, 48, 96),
+        help="comma-separated anchor sides in pixels (default: 12,24,48,96)",
+    )
+    det.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+
 
 def resolve_task_defaults(args: argparse.Namespace) -> None:
     """Give the shared options the user left out the task's values (:data:`TASK_DEFAULTS`)."""
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
-        if isinstance(getattr(args, key, None), (_DefaultInt, _DefaultFloat)):
+        given = getattr(args, key, None)
+        if given is None or isinstance(given, (_DefaultInt, _DefaultFloat)):
             setattr(args, key, value)
     if args.out is None:
         args.out = Path("runs/demo" if args.task == "classify" else f"runs/{args.task}")

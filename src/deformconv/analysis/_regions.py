@@ -148,8 +148,12 @@ def region_statistics(values: Tensor, regions: Tensor) -> list[dict[str, Any]]:
 
     Example:
         >>> stats = region_statistics(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0, 0, 3]))
-        >>> [(s["bucket"], s["mean"], s["count"]) for s in stats]
-        [('small', 2.0, 2), ('medium', nan, 0), ('large', nan, 0), ('background', 2.0, 1)]
+        >>> for s in stats:
+        ...     print(s["bucket"], s["mean"], s["count"])
+        small 2.0 2
+        medium nan 0
+        large nan 0
+        background 2.0 1
     """
     if values.shape != regions.shape:
         raise ValueError(

@@ -73,8 +73,11 @@ def param_groups(
         >>> from deformconv import DeformConv2d, param_groups
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DeformConv2d(8, 8, 3))
         >>> groups = param_groups(net, lr=0.1, weight_decay=1e-4)
-        >>> [(g["name"], len(g["params"]), g["lr"]) for g in groups]
-        [('decay', 2, 0.1), ('no_decay', 2, 0.1), ('offset', 2, 0.010000000000000002)]
+        >>> for g in groups:
+        ...     print(g["name"], len(g["params"]), round(g["lr"], 6))
+        decay 2 0.1
+        no_decay 2 0.1
+        offset 2 0.01
         >>> optimizer = torch.optim.SGD(groups, momentum=0.9)
     """
     where = "param_groups"

@@ -1,3 +1,10 @@
+import os
+import tempfile
+
+# A compile cache of this run only: Inductor's on-disk caches outlive a process and would
+# serve graphs compiled against another checkout's op schemas.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="deformconv-inductor-"))
+
 import pytest
 import torch
 

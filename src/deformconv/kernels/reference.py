@@ -492,7 +492,7 @@ def deform_conv2d_backward(
         for t, w in zip(tensors, wanted, strict=True)
     ]
     go = grad_output.to(dt)
-    go = go.reshape(go.shape[0], go.shape[1], -1)
+    go = go.flatten(2)  # (N, C_out, L); flatten, not reshape(-1): N may be 0
     if any(wanted) and input.shape[0] > 0:
         for chunk in _chunks_of(tensors):
             parts = _chunk_grads(chunk, go, tensors, stride, padding, dilation, wanted)

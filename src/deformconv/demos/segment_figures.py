@@ -24,7 +24,8 @@ def pick_units(
     Among the first ``limit`` scenes, the one whose largest large-bucket box and
     smallest small-bucket box (that holds at least one unit centre) differ most in
     area. The digit units are the units of each box nearest its centre; the background
-    unit is the background unit farthest from every box.
+    unit is the background unit farthest from both the boxes and the canvas edge (a
+    unit in a corner would show mostly padding).
 
     Returns:
         ``(scene index, {"small digit": (row, col), "large digit": ..., "background": ...})``
@@ -50,7 +51,17 @@ def pick_units(
         background = torch.nonzero(regions == 3)
         if len(units) < 2 or not len(background):
             continue
-        distance = _distance_to_boxes(background.double() * _STRIDE, scene.boxes)
+        points = background.double() * _STRIDE
+        edge = torch.stack(
+            [
+                points[:, 0],
+                points[:, 1],
+                (size[0] - 1) * _STRIDE - points[:, 0],
+                (size[1] - 1) * _STRIDE - points[:, 1],
+            ],
+            dim=1,
+        ).amin(dim=1)
+        distance = torch.minimum(_distance_to_boxes(points, scene.boxes), edge)
         units["background"] = tuple(background[int(distance.argmax())].tolist())  # type: ignore[assignment]
         ratio = areas["large digit"] / areas["small digit"]
         if best is None or ratio > best[0]:

@@ -88,7 +88,7 @@ def test_constant_offset_pools_shifted_boxes(levels, image, sizes):
     shapes = [image, image]
     canonical = {"canonical_scale": 56}
     pool = DeformMultiScaleRoIAlign(
-        names, 3, 2, in_channels=3, hidden_features=8, dtype=F64, **canonical
+        names, 3, 2, in_channels=3, hidden_features=8, dtype=F64, record=True, **canonical
     )
     dx, dy, gamma = 0.7, -0.4, pool.gamma
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_mask_rcnn_with_fpn_uses_both_poolers():
 
     box_pool = DeformMultiScaleRoIAlign(["0", "1"], 7, 2, in_channels=8, hidden_features=16)
     mask_pool = DeformMultiScaleRoIAlign(
-        ["0", "1"], 14, 2, in_channels=8, hidden_features=16, modulated=True
+        ["0", "1"], 14, 2, in_channels=8, hidden_features=16, modulated=True, record=True
     )
     model = MaskRCNN(
         FPNBackbone(),
@@ -334,3 +334,17 @@ def test_torchvision_is_imported_lazily():
         "assert 'torchvision' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_records_offsets_only_when_asked():
+    from deformconv import recording
+
+    pool = DeformMultiScaleRoIAlign(["p2"], 7, 2, in_channels=3, hidden_features=8)
+    feats = {"p2": torch.randn(1, 3, 16, 16)}
+    boxes = [torch.tensor([[2.0, 3.0, 40.0, 50.0]])]
+    pool(feats, boxes, [(64, 64)])
+    assert pool.last_offset is None and pool.last_mask is None
+    with recording(pool):
+        pool(feats, boxes, [(64, 64)])
+    assert pool.last_offset is not None and pool.last_offset.shape == (1, 2, 7, 7)
+    assert pool.record is False

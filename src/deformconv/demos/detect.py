@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from deformconv.demos.digits import load_digits
 from deformconv.demos.scenes import DigitScenes, Scene
 from deformconv.demos.train import Distributed, load_checkpoint, save_checkpoint
+from deformconv.models import recording
 
 if TYPE_CHECKING:
     from deformconv.nn import DeformMultiScaleRoIAlign
@@ -376,7 +377,7 @@ def roi_bins(pool: DeformMultiScaleRoIAlign, boxes: Tensor) -> Tensor:
 
     Args:
         pool: a :class:`~deformconv.nn.DeformMultiScaleRoIAlign` on one level, just
-            called on ``boxes`` (its ``last_offset`` holds their offsets).
+            called on ``boxes`` while recording (its ``last_offset`` holds their offsets).
         boxes: (K, 4) x1, y1, x2, y2 in image pixels.
 
     Returns:
@@ -504,7 +505,7 @@ def _draw_roi_bins(
             if len(scene.boxes) == 0:
                 continue
             box = scene.boxes[scene.boxes[:, 3].sub(scene.boxes[:, 1]).argmax()][None]
-            with torch.no_grad():
+            with torch.no_grad(), recording(pool):
                 images, _ = model.transform([scene.image])
                 features = {"0": model.backbone(images.tensors)}
                 pool(features, [box], images.image_sizes)

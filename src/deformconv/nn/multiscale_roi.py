@@ -68,9 +68,10 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
     instead; the paper used a single level.)
 
     Under autocast the heads run in the autocast dtype and the pooling in float32 (as
-    torchvision's ``roi_align`` does); the result has the feature maps' dtype. After
-    each forward (outside torch.compile) ``last_offset`` and ``last_mask`` hold the
-    detached offsets and mask of every RoI, in the order of the concatenated boxes.
+    torchvision's ``roi_align`` does); the result has the feature maps' dtype. With
+    ``record=True`` (or within :func:`deformconv.recording`) each forward outside
+    torch.compile keeps the detached offsets and mask of every RoI, in the order of the
+    concatenated boxes, in ``last_offset`` and ``last_mask``.
 
     Args:
         featmap_names: names of the feature maps to pool from (keys of the features'
@@ -84,6 +85,7 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
         modulated: predict a DCNv2 mask per bin as well.
         canonical_scale: the FPN level mapping's canonical box size (224).
         canonical_level: the level a box of ``canonical_scale`` pixels maps to (4).
+        record: keep the last forward's offsets and mask in ``last_offset``/``last_mask``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -96,7 +98,7 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
         >>> import torch
         >>> from deformconv.nn import DeformMultiScaleRoIAlign
         >>> pool = DeformMultiScaleRoIAlign(["p2", "p3"], 7, 2, in_channels=16,
-        ...                                 hidden_features=64)
+        ...                                 hidden_features=64, record=True)
         >>> features = {"p2": torch.randn(2, 16, 32, 32), "p3": torch.randn(2, 16, 16, 16)}
         >>> boxes = [torch.tensor([[4.0, 8.0, 60.0, 90.0]]),
         ...          torch.tensor([[0.0, 0.0, 20.0, 20.0], [30.0, 40.0, 127.0, 120.0]])]
@@ -110,6 +112,7 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
     hidden_features: int
     gamma: float
     modulated: bool
+    record: bool
     offset_fc: nn.Sequential
     mask_fc: nn.Sequential | None
     last_offset: Tensor | None
@@ -127,6 +130,7 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
         modulated: bool = False,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        record: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -153,7 +157,7 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
             canonical_level=canonical_level,
         )
         self.in_channels, self.hidden_features = in_channels, hidden_features
-        self.gamma, self.modulated = float(gamma), modulated
+        self.gamma, self.modulated, self.record = float(gamma), modulated, record
         bins = size[0] * size[1]
         self.offset_fc = nn.Sequential(
             nn.Linear(in_channels * bins, hidden_features, device=device, dtype=dtype),
@@ -265,7 +269,7 @@ class DeformMultiScaleRoIAlign(MultiScaleRoIAlign):
                 offset = offset.index_put((index,), out_offset.to(dtype))
                 if mask is not None and out_mask is not None:
                     mask = mask.index_put((index,), out_mask.to(dtype))
-        if not torch.compiler.is_compiling():
+        if self.record and not torch.compiler.is_compiling():
             self.last_offset = offset.detach()
             self.last_mask = None if mask is None else mask.detach()
         return result

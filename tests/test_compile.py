@@ -69,3 +69,26 @@ def test_compile_recompiles_when_backend_changes():
     with on_path(OP_PATH):
         compiled(x)
     assert SpyKernels.calls == [True, True]
+
+
+def test_backend_resolution_carries_dynamos_constant_mark():
+    # deformconv marks its resolver without importing torch._dynamo; the mark must be
+    # the one torch.compiler.assume_constant_result sets
+    from deformconv.ops import _backend
+
+    def probe() -> str:
+        return "x"
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert getattr(_backend.resolve_traced, "_dynamo_marked_constant", False) is True
+
+
+def test_import_does_not_load_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, deformconv; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

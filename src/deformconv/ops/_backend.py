@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -167,3 +169,24 @@ def resolve(device_type: str) -> str:
             f"available: {available}"
         )
     return current
+
+
+def _constant_for_compile(fn: Callable[..., str]) -> Callable[..., str]:
+    # torch.compiler.assume_constant_result imports torch._dynamo (over a second at
+    # `import deformconv`); when Dynamo is not loaded yet, set the mark it would set.
+    # tests/test_compile.py checks that the public decorator still sets this mark.
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)  # type: ignore[no-any-return]
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_constant_for_compile
+def resolve_traced(device_type: str, choice: str) -> str:
+    """:func:`resolve` as torch.compile sees it: a constant computed once while tracing.
+
+    ``choice`` (the traced :func:`get_backend`) makes the compiled code guard on, and
+    recompile for, a change of :func:`use_backend`.
+    """
+    del choice  # resolve() reads the same choice
+    return resolve(device_type)

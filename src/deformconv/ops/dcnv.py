@@ -294,14 +294,6 @@ for _device_type in ("cpu", "cuda"):
 # Public functions
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str, choice: str) -> str:
-    # Called once while tracing; ``choice`` (the traced ``get_backend()``) makes
-    # torch.compile guard on, and recompile for, a change of the backend choice.
-    del choice  # resolve() reads the same choice
-    return _backend.resolve(device_type)
-
-
 def _autocast(tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], torch.dtype | None]:
     """Under autocast on the input's device: float32 tensors and the output dtype."""
     input = tensors[0]
@@ -320,7 +312,7 @@ def _autocast(tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], torch.dt
 
 
 def _run(input: Tensor, offset: Tensor, mask: Tensor, geo: _Geometry) -> Tensor:
-    backend = _resolve(input.device.type, _backend.get_backend())
+    backend = _backend.resolve_traced(input.device.type, _backend.get_backend())
     if backend == "reference" and not torch.compiler.is_exporting():
         # Autocast applies to the op as a whole (done by the caller), not to its parts.
         device_type = input.device.type

@@ -99,7 +99,7 @@ def deform_conv2d(
     geo = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     if _onnx.in_onnx_export():
         return _onnx.symbolic_deform_conv(input, offset, mask, weight, bias, geo)
-    backend = _resolve(input.device.type, _backend.get_backend())
+    backend = _backend.resolve_traced(input.device.type, _backend.get_backend())
     args = (input, offset, mask, weight, bias, geo.stride, geo.padding, geo.dilation)
     if backend == "reference" and not torch.compiler.is_exporting():
         out = reference.deform_conv2d(*args)
@@ -129,15 +129,6 @@ def _scripted(
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
-
-
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str, choice: str) -> str:
-    # torch.compile calls this once while tracing (backend probes are plain Python, not graph
-    # ops); ``choice`` (the traced ``get_backend()``) makes it guard on, and recompile for, a
-    # change of :func:`deformconv.use_backend`.
-    del choice  # resolve() reads the same choice
-    return _backend.resolve(device_type)
 
 
 def _is_channels_last(t: Tensor) -> bool:

@@ -37,12 +37,9 @@ __all__ = ["deform_ps_roi_pool", "deform_roi_pool"]
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@torch.compiler.assume_constant_result
 def _resolve(device_type: str, choice: str) -> str:
-    # torch.compile calls this once while tracing; ``choice`` (the traced
-    # ``get_backend()``) makes it guard on, and recompile for, a change of
-    # :func:`deformconv.use_backend`. Raises for a backend that cannot run here.
-    _backend.resolve(device_type)
+    # Raises for a backend that cannot run here (a constant under torch.compile).
+    _backend.resolve_traced(device_type, choice)
     return "reference" if choice == "reference" else "embedding_bag"
 
 

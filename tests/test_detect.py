@@ -149,7 +149,7 @@ def test_variants_start_from_the_same_detections():
 
 
 def test_roi_bins_follow_the_offsets():
-    pool = DeformMultiScaleRoIAlign(["0"], 2, 2, in_channels=3, hidden_features=4)
+    pool = DeformMultiScaleRoIAlign(["0"], 2, 2, in_channels=3, hidden_features=4, record=True)
     with torch.no_grad():
         pool.offset_fc[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -2.0]))
     box = torch.tensor([[8.0, 16.0, 48.0, 36.0]])  # 40 x 20 pixels
@@ -207,3 +207,35 @@ def test_resume_does_not_retrain_and_checks_settings(tiny_run, capsys):
         torch.testing.assert_close(after["model"][key], value, msg=key)
     with pytest.raises(ValueError, match="different settings"):
         main([*argv, "--hidden", "32"])
+
+
+def test_seeds_write_one_checkpoint_and_row_per_variant_and_seed(tmp_path):
+    argv = ["demo", "--out", str(tmp_path), *TINY, "--variants", "plain", "--seeds", "0,1"]
+    assert main(argv) == 0
+    assert {"plain_seed0.pt", "plain_seed1.pt"} <= {p.name for p in tmp_path.iterdir()}
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("plain", "0"), ("plain", "1")]
+    first = torch.load(tmp_path / "plain_seed0.pt", weights_only=False)["model"]
+    second = torch.load(tmp_path / "plain_seed1.pt", weights_only=False)["model"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # seeds differ
+    table = (tmp_path / "results.md").read_text()
+    line = next(x for x in table.splitlines() if x.startswith("| plain |"))
+    assert line.endswith("| 2 |") and "±" in line
+
+
+def test_results_markdown_gives_mean_and_std_over_seeds():
+    from deformconv.demos.detect import results_markdown
+
+    keys = ("map50", "map70", "map", "map_small", "map_medium", "map_large")
+    base = {k: 0.5 for k in (*keys, "val_map50", "val_map70")}
+    rows = [
+        {**base, "variant": "plain", "seed": 0, "map50": 0.2, "train_seconds": 10.0},
+        {**base, "variant": "plain", "seed": 1, "map50": 0.4, "train_seconds": 30.0},
+        {**base, "variant": "both", "seed": 0, "train_seconds": 5.0},
+    ]
+    lines = results_markdown(rows).splitlines()
+    assert lines[2] == (
+        "| plain | 30.0 ± 14.1 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 "
+        "| 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 20 | 2 |"
+    )
+    assert lines[3] == "| both | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 5 | 1 |"

@@ -399,17 +399,29 @@ def roi_bins(pool: DeformMultiScaleRoIAlign, boxes: Tensor) -> Tensor:
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """The results table as Markdown (test metrics, validation mAPs, training time)."""
+    """The results table as Markdown (test metrics, validation mAPs, training time).
+
+    With several seeds per variant, each cell is the mean ± std over them.
+    """
     head = (
         "| variant | mAP@0.5 | mAP@0.7 | AP | AP small | AP medium | AP large "
-        "| val mAP@0.5 | val mAP@0.7 | train s |"
+        "| val mAP@0.5 | val mAP@0.7 | train s | seeds |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = ("map50", "map70", "map", "map_small", "map_medium", "map_large")
-    for r in rows:
-        cells = [f"{100 * r[k]:.1f}" for k in keys]
-        cells += [f"{100 * r['val_map50']:.1f}", f"{100 * r['val_map70']:.1f}"]
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
+    keys += ("val_map50", "val_map70")
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        cells = []
+        for key in keys:
+            v = torch.tensor([r[key] for r in mine], dtype=torch.float64)
+            text = f"{100 * float(v.mean()):.1f}"
+            if len(v) > 1:
+                text += f" ± {100 * float(v.std()):.1f}"
+            cells.append(text)
+        seconds = sum(r["train_seconds"] for r in mine) / len(mine)
+        cells += [f"{seconds:.0f}", str(len(mine))]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -615,10 +627,12 @@ def run_detect(
 ) -> int:
     """Train, evaluate and draw every variant in ``args.variants``; write ``args.out``.
 
-    Writes ``<variant>.pt`` (checkpoints), ``results.csv`` and ``results.md`` (one row
-    per variant: test ``map50, map70, map, map_small, map_medium, map_large, ar100``,
-    validation ``val_map50, val_map70``, ``train_loss, train_seconds``),
-    ``detections.png`` and ``roi_bins.png`` (rank 0 only).
+    Writes ``<variant>.pt`` checkpoints (``<variant>_seed<k>.pt`` with several
+    ``--seeds``; a seed sets the initial weights), ``results.csv`` (one row per
+    variant and seed: ``variant, seed``, test ``map50, map70, map, map_small,
+    map_medium, map_large, ar100``, validation ``val_map50, val_map70``,
+    ``train_loss, train_seconds``), ``results.md`` (mean ± std over seeds),
+    ``detections.png`` and ``roi_bins.png`` (the first seed's models; rank 0 only).
 
     Args:
         args: the parsed ``deformconv demo --task detect`` options.
@@ -638,71 +652,77 @@ def run_detect(
     train_scenes = _scenes(data, "train", args.steps * args.batch_size, digits)
     val_scenes = _scenes(data, "val", args.val_samples, digits)
     test_scenes = _scenes(data, "test", args.test_samples, digits)
+    seeds = [int(k) for k in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    several = len(seeds) > 1
     rows: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {}
-    for variant in variants:
-        config = DetectorConfig(
-            variant=variant,
-            width=args.width,
-            hidden=args.hidden,
-            canvas=args.canvas,
-            anchor_sizes=tuple(args.anchor_sizes),
-            modulated=args.modulated,
-        )
-        train_config = {
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "offset_lr_mult": args.offset_lr_mult,
-        }
-        settings = {"detector": asdict(config), "data": data, "train": train_config}
-        checkpoint = out / f"{variant}.pt"
-        if args.resume and checkpoint.exists():
-            stored = load_checkpoint(checkpoint)
-            found = {k: stored.get(k) for k in settings}
-            if found != settings:
-                raise ValueError(
-                    f"demo --task detect: --resume found {checkpoint} made with different "
-                    f"settings ({found}); use the same options or another --out"
+    for seed in seeds:
+        for variant in variants:
+            config = DetectorConfig(
+                variant=variant,
+                width=args.width,
+                hidden=args.hidden,
+                canvas=args.canvas,
+                anchor_sizes=tuple(args.anchor_sizes),
+                modulated=args.modulated,
+            )
+            train_config = {
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "offset_lr_mult": args.offset_lr_mult,
+                "seed": seed,
+            }
+            settings = {"detector": asdict(config), "data": data, "train": train_config}
+            checkpoint = out / (f"{variant}_seed{seed}.pt" if several else f"{variant}.pt")
+            if args.resume and checkpoint.exists():
+                stored = load_checkpoint(checkpoint)
+                found = {k: stored.get(k) for k in settings}
+                if found != settings:
+                    raise ValueError(
+                        f"demo --task detect: --resume found {checkpoint} made with different "
+                        f"settings ({found}); use the same options or another --out"
+                    )
+            torch.manual_seed(seed)  # every variant of a seed starts from the same weights
+            model = build_detector(config).to(args.device)
+            stats = train_detector(
+                model,
+                train_scenes,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                offset_lr_mult=args.offset_lr_mult,
+                checkpoint=checkpoint,
+                resume=args.resume,
+                checkpoint_every=args.checkpoint_every,
+                device=args.device,
+                ddp=ddp,
+                progress=not args.no_progress,
+                desc=f"{variant} seed {seed}" if several else variant,
+                extra_state=settings,
+                on_checkpoint=on_checkpoint,
+            )
+            if seed == seeds[0]:
+                models[variant] = model
+            if ddp.main:
+                val = evaluate_detector(model, val_scenes, device=args.device)
+                test = evaluate_detector(model, test_scenes, device=args.device)
+                rows.append(
+                    {
+                        "variant": variant,
+                        "seed": seed,
+                        **{k: round(v, 4) for k, v in test.items()},
+                        "val_map50": round(val["map50"], 4),
+                        "val_map70": round(val["map70"], 4),
+                        "train_loss": round(stats["loss"], 4),
+                        "train_seconds": round(stats["seconds"], 1),
+                    }
                 )
-        torch.manual_seed(args.seed)  # every variant starts from the same weights
-        model = build_detector(config).to(args.device)
-        stats = train_detector(
-            model,
-            train_scenes,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            offset_lr_mult=args.offset_lr_mult,
-            checkpoint=checkpoint,
-            resume=args.resume,
-            checkpoint_every=args.checkpoint_every,
-            device=args.device,
-            ddp=ddp,
-            progress=not args.no_progress,
-            desc=variant,
-            extra_state=settings,
-            on_checkpoint=on_checkpoint,
-        )
-        models[variant] = model
-        if ddp.main:
-            val = evaluate_detector(model, val_scenes, device=args.device)
-            test = evaluate_detector(model, test_scenes, device=args.device)
-            rows.append(
-                {
-                    "variant": variant,
-                    **{k: round(v, 4) for k, v in test.items()},
-                    "val_map50": round(val["map50"], 4),
-                    "val_map70": round(val["map70"], 4),
-                    "train_loss": round(stats["loss"], 4),
-                    "train_seconds": round(stats["seconds"], 1),
-                }
-            )
-            print(
-                f"{variant}: test mAP@0.5 {100 * test['map50']:.1f}, mAP@0.7 "
-                f"{100 * test['map70']:.1f} (val {100 * val['map50']:.1f} / "
-                f"{100 * val['map70']:.1f}), trained in {stats['seconds']:.0f} s"
-            )
+                print(
+                    f"{variant} (seed {seed}): test mAP@0.5 {100 * test['map50']:.1f}, mAP@0.7 "
+                    f"{100 * test['map70']:.1f} (val {100 * val['map50']:.1f} / "
+                    f"{100 * val['map70']:.1f}), trained in {stats['seconds']:.0f} s"
+                )
     if ddp.main:
         markdown = results_markdown(rows)
         write_table(rows, out, "results", markdown)

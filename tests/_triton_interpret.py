@@ -3,9 +3,10 @@
 ``python tests/_triton_interpret.py OUT.pt`` (spawned by ``test_triton_kernels.py`` in a
 fresh process, because ``TRITON_INTERPRET=1`` must be set before Triton is first
 imported) runs every case of ``CASES`` through ``deformconv.kernels._triton.forward`` and
-``backward`` and saves, per case, the inputs, the output and the gradients. The parent
-test compares them with the reference kernel and the naive loop oracle; nothing here
-judges the results.
+``backward`` and saves, per case, the inputs, the output, the gradients and the chunks
+the kernels were run on; then the gradients of one case for each ``needs_grad`` of
+``NEEDS_GRAD``. The parent test compares them with the reference kernel and the naive loop
+oracle; nothing here judges the results.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Case:
     cfg: Config
     dtype: torch.dtype = torch.float64
     offsets: str = "random"  # random | integer | borders | off_map | nonfinite
-    chunked: bool = False  # one image per chunk (WORKSPACE_BYTES = 1)
+    # Output pixels per chunk: WORKSPACE_BYTES is set so that a chunk holds this many
+    # (0: the default bound, one chunk here).
+    chunk_pixels: int = 0
 
 
 _MOD = Config(mask=True)
@@ -37,7 +40,38 @@ _PLAIN = (
 CASES: dict[str, Case] = {
     **{name: Case(CONFIGS[name]) for name in _PLAIN},
     "batch_0": Case(Config(batch=0, mask=True)),
-    "chunked_odd_batch": Case(Config(batch=3, size=(5, 9), mask=True), chunked=True),
+    # Two whole images (of 45 pixels), then one.
+    "chunked_odd_batch": Case(Config(batch=3, size=(5, 9), mask=True), chunk_pixels=90),
+    # Ranges of the pixels of one image (few programs: the interpreter is slow), here 12
+    # pixels as 7 + 5, across output rows.
+    "split_image_modulated": Case(
+        Config(
+            in_channels=2,
+            out_channels=4,
+            size=(4, 5),
+            kernel=(2, 2),
+            padding=(0, 0),
+            groups=2,
+            offset_groups=2,
+            mask=True,
+        ),
+        chunk_pixels=7,
+    ),
+    # 10 pixels as 4 + 4 + 2; offset groups straddle the weight groups.
+    "split_image_plain": Case(
+        Config(
+            batch=1,
+            in_channels=6,
+            out_channels=4,
+            size=(4, 5),
+            kernel=(1, 3),
+            stride=(2, 1),
+            padding=(0, 1),
+            groups=2,
+            offset_groups=3,
+        ),
+        chunk_pixels=4,
+    ),
     "integer_positions": Case(_MOD, offsets="integer"),
     "border_positions": Case(_MOD, offsets="borders"),
     "off_the_map": Case(_MOD, offsets="off_map"),
@@ -47,6 +81,19 @@ CASES: dict[str, Case] = {
     "float16_modulated": Case(_MOD, dtype=torch.float16),
     "bfloat16_modulated": Case(_MOD, dtype=torch.bfloat16),
 }
+# The backward of NEEDS_GRAD_CASE with only some gradients asked for.
+NEEDS_GRAD_CASE = "split_image_modulated"  # run under the default bound
+NEEDS_GRAD = [
+    (True, False, False, False, False),
+    (False, True, False, False, False),
+    (False, False, True, False, False),
+    (False, False, False, True, True),
+    (False, False, False, False, False),
+]
+
+
+def needs_grad_key(needs_grad: tuple[bool, ...]) -> str:
+    return "".join("TF"[not n] for n in needs_grad)
 
 
 def special_offsets(
@@ -115,15 +162,39 @@ def main(out_path: str) -> None:
         raise SystemExit("run with TRITON_INTERPRET=1 in a fresh process")
     from deformconv.kernels import _triton
 
-    results = {}
+    plans: list[list[tuple[int, int, int, int]]] = []
+    chunks = _triton._Geometry.chunks
+
+    def recorded(self, element_size, buffers):  # type: ignore[no-untyped-def]
+        plans.append(chunks(self, element_size, buffers))
+        return plans[-1]
+
+    _triton._Geometry.chunks = recorded
+    default_bound = _triton.WORKSPACE_BYTES
+    results: dict[str, object] = {}
     for name, case in CASES.items():
         c = make_case(name)
         args = (c["stride"], c["padding"], c["dilation"])
         tensors = [c[k] for k in ("input", "offset", "mask", "weight", "bias")]
-        _triton.WORKSPACE_BYTES = 1 if case.chunked else 256 * 2**20
+        x, weight = c["input"], c["weight"]
+        # Column bytes of one pixel: C_in·K_h·K_w values per buffer.
+        per_pixel = x.shape[1] * weight.shape[2] * weight.shape[3] * x.element_size()
+        plans.clear()
+        _triton.WORKSPACE_BYTES = case.chunk_pixels * per_pixel or default_bound
         out = _triton.forward(*tensors, *args)
+        _triton.WORKSPACE_BYTES = 2 * case.chunk_pixels * per_pixel or default_bound  # 2 buffers
         grads = _triton.backward(c["grad_output"], *tensors, *args)
-        results[name] = {**c, "out": out, "grads": list(grads)}
+        results[name] = {**c, "out": out, "grads": list(grads), "chunks": list(plans)}
+    _triton.WORKSPACE_BYTES = default_bound
+    c = make_case(NEEDS_GRAD_CASE)
+    args = (c["stride"], c["padding"], c["dilation"])
+    tensors = [c[k] for k in ("input", "offset", "mask", "weight", "bias")]
+    results["needs_grad"] = {
+        needs_grad_key(needs): list(
+            _triton.backward(c["grad_output"], *tensors, *args, needs_grad=needs)
+        )
+        for needs in NEEDS_GRAD
+    }
     torch.save(results, out_path)
 
 

@@ -18,7 +18,7 @@ import torch
 
 import deformconv
 from _references import naive_deform_conv2d
-from _triton_interpret import CASES
+from _triton_interpret import CASES, NEEDS_GRAD, NEEDS_GRAD_CASE, needs_grad_key
 from deformconv.kernels import reference
 
 pytest.importorskip("triton")
@@ -80,6 +80,39 @@ def test_matches_reference(interpreted, name):
             continue
         assert got.dtype == dtype, key
         _close(got, want, RTOL[dtype], f"grad_{key}")
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case.chunk_pixels])
+def test_chunks_cover_every_pixel_once(interpreted, name):
+    # The forward's and the backward's chunks, under a workspace bound of chunk_pixels
+    # pixels: each (image, pixel) once, no chunk above the bound, an image split when it
+    # does not fit (the gradients of these cases are checked by test_matches_reference).
+    c, pixels = interpreted[name], CASES[name].chunk_pixels
+    n, length = c["out"].shape[0], c["out"].shape[2] * c["out"].shape[3]
+    assert len(c["chunks"]) == 2  # forward, backward
+    for plan in c["chunks"]:
+        assert len(plan) > 1
+        seen = torch.zeros(n, length, dtype=torch.int64)
+        for b0, b1, l0, l1 in plan:
+            assert 0 < (b1 - b0) * (l1 - l0) <= pixels
+            seen[b0:b1, l0:l1] += 1
+        assert (seen == 1).all()
+        assert any(l1 - l0 < length for _, _, l0, l1 in plan) == (pixels < length)
+
+
+@pytest.mark.parametrize("needs_grad", NEEDS_GRAD, ids=needs_grad_key)
+def test_needs_grad_computes_only_what_is_needed(interpreted, needs_grad):
+    # Asked-for gradients equal the reference's; the others are None (the contract lets
+    # a kernel return None for a gradient that is not needed).
+    c = interpreted[NEEDS_GRAD_CASE]
+    grads = interpreted["needs_grad"][needs_grad_key(needs_grad)]
+    _, expected = _reference(c, torch.float64)
+    for key, need, got, want in zip(NAMES, needs_grad, grads, expected, strict=True):
+        if need:
+            assert got is not None and got.dtype == want.dtype, key
+            _close(got, want, RTOL[torch.float64], f"grad_{key}")
+        else:
+            assert got is None, f"grad_{key} was computed although not needed"
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Triton deformable convolution for CUDA: a fused bilinear gather around cuBLAS GEMMs.
 
-Forward, per chunk of images (``B`` images, ``R = B·H_out·W_out`` output pixels):
+Forward, per chunk of output pixels (``B`` whole images, or a range of the pixels of one
+image when an image does not fit the workspace; ``R`` pixels in all):
 
 1. ``im2col`` (Triton): each program takes a block of output pixels, one kernel point of
    one offset group and a block of the group's input channels; it reads the offsets (and
@@ -11,14 +12,18 @@ Forward, per chunk of images (``B`` images, ``R = B·H_out·W_out`` output pixel
 2. one batched GEMM per chunk, ``(groups, C_out/groups, C_in/groups·K) @ (groups, ·, R)``.
 
 Backward, per chunk: ``grad_W += grad_out · colsᵀ`` and ``grad_cols = Wᵀ · grad_out``
-are GEMMs; ``col2im`` (Triton) gives ``grad_input`` (atomic adds into a float32/float64
-buffer, hence not bitwise reproducible: ``DETERMINISTIC_BACKWARD = False`` makes
+are GEMMs; ``col2im`` (Triton) adds the chunk's share to ``grad_input`` (atomic adds into a
+float32/float64 buffer, hence not bitwise reproducible: ``DETERMINISTIC_BACKWARD = False`` makes
 ``torch.use_deterministic_algorithms(True)`` raise torch's error through the custom op)
 and the offset and mask gradients, which are reductions over the channels of a sample:
 a program owns a sample (block of pixels × kernel point × offset group) and a slice of
 the group's channels, writes its partial sums to its own slot, and the slots are summed
 in a fixed order afterwards, so those need no atomics and are deterministic. (Slicing
-the channels keeps the GPU busy when there are few samples, e.g. 7x7 maps.)
+the channels keeps the GPU busy when there are few samples, e.g. 7x7 maps.) Only the
+gradients asked for (``needs_grad``) are computed: no column recomputation and weight
+GEMM for a frozen weight, no ``col2im`` when neither the input nor the offsets and mask
+need a gradient, and inside ``col2im`` no atomics without an input gradient and no
+reductions without offset or mask gradients.
 
 Boundary rule and memory safety: a position is tested with comparisons that are False
 for NaN (``y >= -1 and y < H and x >= -1 and x < W``) and replaced by 0 when it fails,
@@ -52,8 +57,9 @@ __all__ = [
 NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DETERMINISTIC_BACKWARD = False  # grad_input is accumulated with atomic adds
 
-# Cap on the column workspace (columns, plus grad columns in backward): images are processed
-# in chunks whose buffers fit in this many bytes (always at least one image per chunk).
+# Cap on the column workspace (columns, plus grad columns in backward): output pixels are
+# processed in chunks whose buffers fit in this many bytes: whole images when one fits,
+# otherwise ranges of the pixels of one image (always at least one pixel per chunk).
 WORKSPACE_BYTES = 256 * 2**20
 # col2im splits a sample's channels over programs until about this many run at once.
 _COL2IM_PROGRAMS = 4096
@@ -124,6 +130,8 @@ def _im2col_kernel(
     mask_ptr,
     cols_ptr,
     n0,
+    l0,
+    span,
     rows,
     C_in,
     C_per_off,
@@ -145,14 +153,15 @@ def _im2col_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # cols[c·K + kp, r] = m · bilinear(x[n, c], position) for r = (n - n0)·L + l.
+    # cols[c·K + kp, r] = m · bilinear(x[n, c], position) for the chunk's pixel r: image
+    # n = n0 + r // span, pixel l = l0 + r % span of the image.
     gk = tl.program_id(1)
     g = gk // K
     kp = gk % K
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows
-    n = n0 + r // L
-    ll = r % L
+    n = n0 + r // span
+    ll = l0 + r % span
     _, _, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m = _sample_geometry(
         off_ptr, mask_ptr, n, ll, r_ok, gk, kp, H, W, W_out, L, GK2,
         SH, SW, PH, PW, DH, DW, K_W, HAS_MASK, ACC,
@@ -188,6 +197,8 @@ def _col2im_kernel(
     gx_ptr,
     part_ptr,
     n0,
+    l0,
+    span,
     rows,
     C_in,
     C_per_off,
@@ -206,6 +217,10 @@ def _col2im_kernel(
     K: tl.constexpr,
     K_W: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_OFF: tl.constexpr,
+    NEED_MASK: tl.constexpr,
+    READ_X: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -215,14 +230,16 @@ def _col2im_kernel(
     #   grad_x[corner] += gc · m · corner weight          (atomic: corners are shared)
     #   part[split, 2] = sum_c gc · bilinear(x[c])        (owned: plain store; grad_m)
     #   part[split, :2] = sum_c gc · m · ∂bilinear/∂y, ∂x (owned: plain store; grad_Δy, Δx)
-    # The host sums ``part`` over the splits in a fixed order.
+    # The host sums ``part`` over the splits in a fixed order. NEED_X, NEED_OFF and
+    # NEED_MASK say which of the three are wanted; READ_X (NEED_OFF or NEED_MASK) whether
+    # the input's corners are read at all.
     gk = tl.program_id(1)
     g = gk // K
     kp = gk % K
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows
-    n = n0 + r // L
-    ll = r % L
+    n = n0 + r // span
+    ll = l0 + r % span
     _, inside, ly, lx, ok_y0, ok_y1, ok_x0, ok_x1, ry0, ry1, rx0, rx1, m = (
         _sample_geometry(
             off_ptr, mask_ptr, n, ll, r_ok, gk, kp, H, W, W_out, L, GK2,
@@ -254,30 +271,37 @@ def _col2im_kernel(
             other=0.0,
         ).to(ACC)
         plane = ((n[None, :] * C_in + cg[:, None]) * H) * W
-        v00 = tl.load(x_ptr + plane + i00, mask=cm & ok00, other=0.0).to(ACC)
-        v01 = tl.load(x_ptr + plane + i01, mask=cm & ok01, other=0.0).to(ACC)
-        v10 = tl.load(x_ptr + plane + i10, mask=cm & ok10, other=0.0).to(ACC)
-        v11 = tl.load(x_ptr + plane + i11, mask=cm & ok11, other=0.0).to(ACC)
-        if HAS_MASK:
-            val = (v00 * hx[None, :] + v01 * lx[None, :]) * hy[None, :] + (
-                v10 * hx[None, :] + v11 * lx[None, :]
-            ) * ly[None, :]
-            acc_m += tl.sum(gc * val, axis=0)
         gcm = gc * m[None, :]
-        dvdy = (v10 - v00) * hx[None, :] + (v11 - v01) * lx[None, :]
-        dvdx = (v01 - v00) * hy[None, :] + (v11 - v10) * ly[None, :]
-        acc_y += tl.sum(gcm * dvdy, axis=0)
-        acc_x += tl.sum(gcm * dvdx, axis=0)
-        tl.atomic_add(gx_ptr + plane + i00, gcm * (hy * hx)[None, :], mask=cm & ok00)
-        tl.atomic_add(gx_ptr + plane + i01, gcm * (hy * lx)[None, :], mask=cm & ok01)
-        tl.atomic_add(gx_ptr + plane + i10, gcm * (ly * hx)[None, :], mask=cm & ok10)
-        tl.atomic_add(gx_ptr + plane + i11, gcm * (ly * lx)[None, :], mask=cm & ok11)
+        if READ_X:
+            v00 = tl.load(x_ptr + plane + i00, mask=cm & ok00, other=0.0).to(ACC)
+            v01 = tl.load(x_ptr + plane + i01, mask=cm & ok01, other=0.0).to(ACC)
+            v10 = tl.load(x_ptr + plane + i10, mask=cm & ok10, other=0.0).to(ACC)
+            v11 = tl.load(x_ptr + plane + i11, mask=cm & ok11, other=0.0).to(ACC)
+            if NEED_MASK:
+                val = (v00 * hx[None, :] + v01 * lx[None, :]) * hy[None, :] + (
+                    v10 * hx[None, :] + v11 * lx[None, :]
+                ) * ly[None, :]
+                acc_m += tl.sum(gc * val, axis=0)
+            if NEED_OFF:
+                dvdy = (v10 - v00) * hx[None, :] + (v11 - v01) * lx[None, :]
+                dvdx = (v01 - v00) * hy[None, :] + (v11 - v10) * ly[None, :]
+                acc_y += tl.sum(gcm * dvdy, axis=0)
+                acc_x += tl.sum(gcm * dvdx, axis=0)
+        if NEED_X:
+            tl.atomic_add(gx_ptr + plane + i00, gcm * (hy * hx)[None, :], mask=cm & ok00)
+            tl.atomic_add(gx_ptr + plane + i01, gcm * (hy * lx)[None, :], mask=cm & ok01)
+            tl.atomic_add(gx_ptr + plane + i10, gcm * (ly * hx)[None, :], mask=cm & ok10)
+            tl.atomic_add(gx_ptr + plane + i11, gcm * (ly * lx)[None, :], mask=cm & ok11)
     gk_total = GK2 // 2
     part = part_ptr + (tl.program_id(2).to(tl.int64) * 3 * gk_total + gk) * rows + r
-    tl.store(part, tl.where(inside, acc_y, 0.0), mask=r_ok)
-    tl.store(part + gk_total * rows, tl.where(inside, acc_x, 0.0), mask=r_ok)
-    if HAS_MASK:
+    if NEED_OFF:
+        tl.store(part, tl.where(inside, acc_y, 0.0), mask=r_ok)
+        tl.store(part + gk_total * rows, tl.where(inside, acc_x, 0.0), mask=r_ok)
+    if NEED_MASK:
         tl.store(part + 2 * gk_total * rows, acc_m, mask=r_ok)
+
+
+_Chunk = tuple[int, int, int, int]  # (b0, b1, l0, l1): images b0 .. b1, pixels l0 .. l1
 
 
 class _Geometry:
@@ -309,15 +333,31 @@ class _Geometry:
         cap = 64 if self.interpreted else 16
         self.block_c = min(cap, triton.next_power_of_2(self.c_per_off))
 
-    def chunk(self, element_size: int, buffers: int) -> int:
-        """Images per chunk so that ``buffers`` column buffers fit in WORKSPACE_BYTES."""
-        per_image = buffers * self.c_in * self.k * self.length * element_size
-        return max(1, min(self.n, WORKSPACE_BYTES // max(per_image, 1)))
+    def chunks(self, element_size: int, buffers: int) -> list[_Chunk]:
+        """Chunks ``(b0, b1, l0, l1)``: images ``b0 .. b1``, pixels ``l0 .. l1`` of each.
 
-    def kernel_args(self, n0: int, rows: int) -> tuple[int, ...]:
+        ``buffers`` column buffers of a chunk fit in WORKSPACE_BYTES: whole images when
+        one image fits, otherwise ranges of the pixels of one image (at least one pixel).
+        """
+        if self.n * self.length == 0:
+            return []
+        per_pixel = buffers * self.c_in * self.k * element_size
+        pixels = max(1, WORKSPACE_BYTES // max(per_pixel, 1))
+        if pixels >= self.length:
+            step = pixels // self.length
+            return [(b0, min(self.n, b0 + step), 0, self.length) for b0 in range(0, self.n, step)]
+        return [
+            (b, b + 1, l0, min(self.length, l0 + pixels))
+            for b in range(self.n)
+            for l0 in range(0, self.length, pixels)
+        ]
+
+    def kernel_args(self, chunk: _Chunk) -> tuple[int, ...]:
+        b0, b1, l0, l1 = chunk
         return (
-            n0, rows, self.c_in, self.c_per_off, self.h, self.w, self.w_out, self.length,
-            2 * self.n_off * self.k, *self.stride, *self.padding, *self.dilation,
+            b0, l0, l1 - l0, (b1 - b0) * (l1 - l0), self.c_in, self.c_per_off, self.h, self.w,
+            self.w_out, self.length, 2 * self.n_off * self.k, *self.stride, *self.padding,
+            *self.dilation,
         )  # fmt: skip
 
     def meta(self, has_mask: bool, block_c: int) -> dict[str, object]:
@@ -348,11 +388,16 @@ class _Geometry:
         return block_c, per_program, triton.cdiv(self.c_per_off, per_program)
 
 
+def _rows(chunk: _Chunk) -> int:
+    b0, b1, l0, l1 = chunk
+    return (b1 - b0) * (l1 - l0)
+
+
 def _im2col(
-    geo: _Geometry, input: Tensor, offset: Tensor, mask: Tensor | None, n0: int, images: int
+    geo: _Geometry, input: Tensor, offset: Tensor, mask: Tensor | None, chunk: _Chunk
 ) -> Tensor:
-    """Modulated samples of images ``n0 .. n0 + images``: (groups, C_in/groups·K, B·L)."""
-    rows = images * geo.length
+    """Modulated samples of the chunk's pixels: (groups, C_in/groups·K, B·(l1 - l0))."""
+    rows = _rows(chunk)
     cols = input.new_empty(geo.c_in * geo.k, rows)
     grid = (
         triton.cdiv(rows, geo.block_r),
@@ -364,7 +409,7 @@ def _im2col(
         offset,
         offset if mask is None else mask,  # never read without HAS_MASK
         cols,
-        *geo.kernel_args(n0, rows),
+        *geo.kernel_args(chunk),
         **geo.meta(mask is not None, geo.block_c),
     )
     return cols.view(geo.groups, geo.c_per_group * geo.k, rows)
@@ -376,38 +421,51 @@ def _col2im(
     offset: Tensor,
     mask: Tensor | None,
     grad_cols: Tensor,
-    n0: int,
-    images: int,
-    grad_input: Tensor,
-    grad_offset: Tensor,
+    chunk: _Chunk,
+    grad_input: Tensor | None,
+    grad_offset: Tensor | None,
     grad_mask: Tensor | None,
 ) -> None:
-    """Add images ``n0 .. n0 + images``' share to ``grad_input``; fill their offset/mask grads."""
-    rows = images * geo.length
+    """Add the chunk's share to ``grad_input``; fill its pixels' offset and mask gradients.
+
+    A gradient given as None is not computed.
+    """
+    b0, b1, l0, l1 = chunk
+    images, span, rows = b1 - b0, l1 - l0, _rows(chunk)
     gk_total = geo.n_off * geo.k
     block_c, per_program, split = geo.col2im_split(rows)
-    part = torch.empty(split, 3, gk_total, rows, dtype=geo.acc_dtype, device=input.device)
+    need_off, need_mask = grad_offset is not None, grad_mask is not None
+    part = None
+    if need_off or need_mask:
+        part = torch.empty(split, 3, gk_total, rows, dtype=geo.acc_dtype, device=input.device)
     grid = (triton.cdiv(rows, geo.block_r), gk_total, split)
     _col2im_kernel[grid](
         input,
         offset,
         offset if mask is None else mask,  # never read without HAS_MASK
         grad_cols,
-        grad_input,
-        part,
-        *geo.kernel_args(n0, rows),
+        grad_cols if grad_input is None else grad_input,  # never written without NEED_X
+        grad_cols if part is None else part,  # never written without NEED_OFF/NEED_MASK
+        *geo.kernel_args(chunk),
         per_program,
+        NEED_X=grad_input is not None,
+        NEED_OFF=need_off,
+        NEED_MASK=need_mask,
+        READ_X=need_off or need_mask,
         **geo.meta(mask is not None, block_c),
     )
-    sums = part.sum(0).view(3, gk_total, images, geo.length)  # fixed order: deterministic
-    # Offset channel 2·gk is Δy, 2·gk + 1 is Δx: (B, G·K, 2, L).
-    grad_offset[n0 : n0 + images].view(images, gk_total, 2, geo.length).copy_(
-        sums[:2].permute(2, 1, 0, 3)
-    )
+    if part is None:
+        return
+    # Summed over the splits in a fixed order: deterministic.
+    if grad_offset is not None:
+        sums = part[:, :2].sum(0).view(2, gk_total, images, span)
+        # Offset channel 2·gk is Δy, 2·gk + 1 is Δx: (N, G·K, 2, L).
+        view = grad_offset.view(geo.n, gk_total, 2, geo.length)
+        view[b0:b1, :, :, l0:l1].copy_(sums.permute(2, 1, 0, 3))
     if grad_mask is not None:
-        grad_mask[n0 : n0 + images].view(images, gk_total, geo.length).copy_(
-            sums[2].transpose(0, 1)
-        )
+        sums_m = part[:, 2].sum(0).view(gk_total, images, span)
+        view_m = grad_mask.view(geo.n, gk_total, geo.length)
+        view_m[b0:b1, :, l0:l1].copy_(sums_m.transpose(0, 1))
 
 
 def forward(
@@ -439,17 +497,15 @@ def forward(
     mask = None if mask is None else mask.to(input.dtype).contiguous()
     geo = _Geometry(input, offset, weight, stride, padding, dilation)
     out = input.new_empty(geo.n, geo.c_out, geo.h_out, geo.w_out)
-    if geo.n == 0:
-        return out
     w_g = weight.to(input.dtype).reshape(geo.groups, geo.c_out // geo.groups, -1)
-    chunk = geo.chunk(input.element_size(), buffers=1)
-    for n0 in range(0, geo.n, chunk):
-        images = min(chunk, geo.n - n0)
-        cols = _im2col(geo, input, offset, mask, n0, images)
-        res = torch.matmul(w_g, cols).view(geo.c_out, images, geo.length).transpose(0, 1)
+    out_rows = out.view(geo.n, geo.c_out, geo.length)
+    for chunk in geo.chunks(input.element_size(), buffers=1):
+        b0, b1, l0, l1 = chunk
+        cols = _im2col(geo, input, offset, mask, chunk)
+        res = torch.matmul(w_g, cols).view(geo.c_out, b1 - b0, l1 - l0).transpose(0, 1)
         if bias is not None:
             res = res.to(geo.acc_dtype) + bias.to(geo.acc_dtype).view(1, -1, 1)
-        out[n0 : n0 + images].view(images, geo.c_out, geo.length).copy_(res)
+        out_rows[b0:b1, :, l0:l1].copy_(res)
     return out
 
 
@@ -463,7 +519,8 @@ def backward(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    needs_grad: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`forward` for ``(input, offset, mask, weight, bias)``.
 
     Args:
@@ -476,46 +533,54 @@ def backward(
         stride: (s_h, s_w).
         padding: (p_h, p_w).
         dilation: (d_h, d_w).
+        needs_grad: which of ``(input, offset, mask, weight, bias)`` need a gradient;
+            only those are computed (the column recomputation and weight GEMM are skipped
+            for a frozen weight, ``col2im`` when neither the input nor the offsets and
+            mask need one, and inside it the atomics or the offset and mask reductions).
 
     Returns:
-        Gradients shaped and typed like ``(input, offset, mask, weight, bias)``; None for
-        ``mask``/``bias`` when they are None. ``grad_input`` is summed with atomic adds, so
-        its last bits may vary between runs.
+        Gradients shaped and typed like ``(input, offset, mask, weight, bias)``; None where
+        the argument is None or its gradient is not needed. ``grad_input`` is summed with
+        atomic adds, so its last bits may vary between runs.
     """
+    want_x, want_off, want_m, want_w, want_b = needs_grad
     dtype = input.dtype
     input, offset = input.contiguous(), offset.to(dtype).contiguous()
     mask = None if mask is None else mask.to(dtype).contiguous()
     geo = _Geometry(input, offset, weight, stride, padding, dilation)
     acc_dtype = geo.acc_dtype
-    grad_input = torch.zeros(input.shape, dtype=acc_dtype, device=input.device)
-    grad_offset = torch.zeros_like(offset)
-    grad_mask = None if mask is None else torch.zeros_like(mask)
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    grad_input = torch.zeros(input.shape, dtype=acc_dtype, device=input.device) if want_x else None
+    grad_offset = torch.zeros_like(offset) if want_off else None
+    grad_mask = torch.zeros_like(mask) if want_m and mask is not None else None
+    grad_weight = None
+    if want_w:
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
     grad_bias = None
-    if bias is not None:
+    if bias is not None and want_b:
         grad_bias = grad_output.sum((0, 2, 3), dtype=acc_dtype).to(bias.dtype)
-    if geo.n > 0:
+    scatter = grad_input is not None or grad_offset is not None or grad_mask is not None
+    if scatter or grad_weight is not None:
         cog = geo.c_out // geo.groups
         w_g = weight.to(dtype).reshape(geo.groups, cog, -1)
         w_t = w_g.transpose(1, 2)
-        grad_output = grad_output.to(dtype)
-        chunk = geo.chunk(input.element_size(), buffers=2)
-        for n0 in range(0, geo.n, chunk):
-            images = min(chunk, geo.n - n0)
-            rows = images * geo.length
-            # (B, C_out, L) -> (groups, C_out/groups, B·L), the GEMMs' layout.
-            go = grad_output[n0 : n0 + images].reshape(images, geo.c_out, geo.length)
-            go = go.transpose(0, 1).reshape(geo.groups, cog, rows)
-            cols = _im2col(geo, input, offset, mask, n0, images)
-            grad_weight += torch.matmul(go, cols.transpose(1, 2)).view(weight.shape)
-            del cols
-            grad_cols = torch.matmul(w_t, go)  # (groups, C_in/groups·K, B·L)
-            _col2im(geo, input, offset, mask, grad_cols, n0, images, grad_input, grad_offset,
-                    grad_mask)  # fmt: skip
+        go_rows = grad_output.to(dtype).reshape(geo.n, geo.c_out, geo.length)
+        # Chunks do not depend on ``needs_grad``: a gradient is the same whatever else is asked.
+        for chunk in geo.chunks(input.element_size(), buffers=2):
+            b0, b1, l0, l1 = chunk
+            # (B, C_out, l1 - l0) -> (groups, C_out/groups, B·(l1 - l0)), the GEMMs' layout.
+            go = go_rows[b0:b1, :, l0:l1].transpose(0, 1).reshape(geo.groups, cog, _rows(chunk))
+            if grad_weight is not None:
+                cols = _im2col(geo, input, offset, mask, chunk)
+                grad_weight += torch.matmul(go, cols.transpose(1, 2)).view(weight.shape)
+                del cols
+            if scatter:
+                grad_cols = torch.matmul(w_t, go)  # (groups, C_in/groups·K, B·(l1 - l0))
+                _col2im(geo, input, offset, mask, grad_cols, chunk, grad_input, grad_offset,
+                        grad_mask)  # fmt: skip
     return (
-        grad_input.to(dtype),
+        None if grad_input is None else grad_input.to(dtype),
         grad_offset,
         grad_mask,
-        grad_weight.to(weight.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
         grad_bias,
     )

@@ -408,8 +408,8 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         "| val mAP@0.5 | val mAP@0.7 | train s | seeds |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = ("map50", "map70", "map", "map_small", "map_medium", "map_large")
-    keys += ("val_map50", "val_map70")
+    keys = ["map50", "map70", "map", "map_small", "map_medium", "map_large"]
+    keys += ["val_map50", "val_map70"]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         cells = []

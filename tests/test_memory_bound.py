@@ -46,6 +46,10 @@ go = torch.randn(n, c, size, size, generator=g)
 args = ((1, 1), (1, 1), (1, 1))
 small = [t[:1, :4, :4, :4].contiguous() for t in (x, w)]
 reference.deform_conv2d(small[0], off[:1, :, :4, :4].contiguous(), None, small[1][:, :4], None, *args)
+if mode == "train":  # the op's dispatch and autograd path load code (and modules) on first use
+    tiny = [t.clone().requires_grad_() for t in (small[0], off[:1, :, :4, :4], small[1][:, :4])]
+    with deformconv.use_backend("reference"):
+        deformconv.deform_conv2d(tiny[0], tiny[1], tiny[2], padding=1).sum().backward()
 leaves = [t.clone().requires_grad_(mode == "train") for t in (x, off, mask, w)]
 try:
     Path("/proc/self/clear_refs").write_text("5")
@@ -92,4 +96,6 @@ def test_peak_memory_stays_under_the_workspace_bound(mode):
 
 
 def test_without_the_bound_the_same_call_needs_much_more():
-    assert _rise("forward", 2**40) > 100
+    # At least the 38 MiB column buffer and the 8 MiB output (119 MiB typically, as low as
+    # 68 MiB seen): well above the bounded call's limit of 8 + 6·4 + 16 = 48 MiB.
+    assert _rise("forward", 2**40) > 60

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deformconv.kernels import _numba_threads
 from deformconv.kernels.dcnv_reference import kernel_points
 
 __all__ = ["backward", "forward"]
@@ -278,11 +279,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _set_threads() -> None:
-    limit: int = getattr(numba.config, "NUMBA_NUM_THREADS", 1)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
-
-
 class _Problem:
     """Arguments as flat, contiguous arrays in the compute dtype, plus the geometry."""
 
@@ -335,6 +331,7 @@ def _channel_block(n: int, group: int, c_g: int) -> int:
     return max(1, block)
 
 
+@_numba_threads.scoped
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -352,15 +349,15 @@ def forward(
     Returns:
         (N, H_out, W_out, C), contiguous, in ``input``'s dtype.
     """
-    _set_threads()
     p = _Problem(input, offset, mask, kernel_size, stride, padding, dilation, group,
                  offset_scale, remove_center)  # fmt: skip
     out = torch.empty(p.rows, p.channels, dtype=p.dtype)
     if p.rows > 0:
-        _forward(*p.common(), out.numpy(), *p.geometry())
+        _numba_threads.launch(_forward, *p.common(), out.numpy(), *p.geometry())
     return out.reshape(p.n, p.h_out, p.w_out, p.channels).to(input.dtype)
 
 
+@_numba_threads.scoped
 def backward(
     grad_output: Tensor,
     input: Tensor,
@@ -380,7 +377,6 @@ def backward(
         ``(grad_input, grad_offset, grad_mask)``, contiguous, shaped and typed like their
         arguments; bitwise reproducible whatever the thread count.
     """
-    _set_threads()
     p = _Problem(input, offset, mask, kernel_size, stride, padding, dilation, group,
                  offset_scale, remove_center)  # fmt: skip
     c_g = p.channels // group
@@ -391,8 +387,8 @@ def backward(
     g_off = p.x.new_empty(n_blocks, *p.off.shape)
     g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
     if p.rows > 0:
-        _backward(
-            *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
+        _numba_threads.launch(
+            _backward, *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
             *p.geometry(), block,
         )  # fmt: skip
     grad_off, grad_m = g_off[0], g_mask[0]

@@ -2,8 +2,8 @@
 
 ``python tests/_fork_worker.py CASE`` with CASE one of ``os_fork``, ``process``, ``pool``,
 ``dataloader``: the parent (2 torch threads) runs the op on a problem large enough that
-its GEMMs use torch's thread pool, then forked children run it on a small problem
-(forward and backward, numba backend); the parent compares their results with its own
+its GEMMs use torch's thread pool, then forked children run it and ``dcnv3`` on small
+problems (forward and backward, numba backend); the parent compares their results with its own
 and with the reference backend, and prints ``OK`` and the threading layer.
 """
 
@@ -44,8 +44,22 @@ def run(backend: str, tensors=SMALL) -> list[torch.Tensor]:
     return [out.detach(), *(t.grad for t in leaves)]
 
 
+def run_dcnv3(backend: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    leaves = [
+        torch.randn(2, 6, 6, 8, generator=g).requires_grad_(),  # (N, H, W, C), 2 groups
+        (2 * torch.randn(2, 6, 6, 36, generator=g)).requires_grad_(),
+        torch.rand(2, 6, 6, 18, generator=g).requires_grad_(),
+    ]
+    with deformconv.use_backend(backend):
+        out = deformconv.dcnv3(*leaves, group=2)
+    out.square().sum().backward()
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
 def child(_: int = 0) -> list:
-    return [t.numpy() for t in run("numba")]  # plain arrays: no shared-memory handles
+    # plain arrays: no shared-memory handles
+    return [t.numpy() for t in run("numba") + run_dcnv3("numba")]
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -94,8 +108,9 @@ def in_children(case: str) -> list[list[torch.Tensor]]:
 def main(case: str) -> None:
     big = problem(4, 64, 24, seed=0)
     run("numba", big)  # the parent used the op (and torch's thread pool) before forking
-    expected = run("numba")
-    reference = run("reference")
+    run_dcnv3("numba")
+    expected = run("numba") + run_dcnv3("numba")
+    reference = run("reference") + run_dcnv3("reference")
     for e, r in zip(expected, reference, strict=True):
         torch.testing.assert_close(e, r, rtol=1e-4, atol=1e-4)
     for result in in_children(case):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -99,6 +100,22 @@ def test_numba_thread_count_does_not_leak_out_of_a_call():
     assert torch.get_num_threads() == threads
 
 
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _installed_openmp() -> bool:
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 SCRIPT = """
 import sys, torch, numba
 from concurrent.futures import ThreadPoolExecutor
@@ -116,10 +133,12 @@ print("OK", numba.threading_layer())
 """
 
 
-@pytest.mark.parametrize("layer", ["auto", "workqueue"])
+@pytest.mark.parametrize("layer", ["auto", "workqueue", "tbb"])
 def test_concurrent_calls_on_each_threading_layer(layer):
     """workqueue must never launch two kernels at once: calls serialise their launches."""
     pytest.importorskip("numba")
+    if layer == "tbb" and not _installed("tbb"):
+        pytest.skip("needs the tbb package")
     env = {**os.environ, "NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
     env.pop("NUMBA_THREADING_LAYER", None)
     if layer != "auto":
@@ -131,3 +150,5 @@ def test_concurrent_calls_on_each_threading_layer(layer):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert proc.stdout.startswith("OK")
+    expected = layer if layer != "auto" else "omp" if _installed_openmp() else None
+    assert expected is None or proc.stdout.split()[1] == expected

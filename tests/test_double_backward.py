@@ -71,7 +71,9 @@ def test_default_backend_is_twice_differentiable():
 def test_gradgradcheck_chunked_reference(path, monkeypatch):
     """Under a tiny workspace the reference splits images into pixel ranges: still exact."""
     monkeypatch.setattr(reference, "WORKSPACE_BYTES", 15000)  # two pixel ranges per image
-    cfg = CASES["modulated"]
+    cfg = Config(batch=1, in_channels=2, out_channels=2, size=(4, 4), mask=True)
+    per_pixel = 4 * 2 * 9 * 8 + 9 * (4 * 8 + 12 * 8)  # the planner's float64 bytes per pixel
+    assert len(reference._chunks(1, 2, 9, 1, 16, 8)) == 2 and 15000 // per_pixel < 16
     inputs = tuple(_inputs(cfg))
     assert torch.autograd.gradgradcheck(_fn(cfg, path), inputs, eps=1e-6, atol=1e-5)
 

@@ -311,6 +311,44 @@ def _backward(
                         g_mask[blk, b, g, k, p_l] = acc_m
 
 
+#: Channels per task of :func:`_to_channels_first` (16 float32: one cache line per pixel).
+_TRANSPOSE_BLOCK = 16
+
+
+@_jit
+def _to_channels_first_kernel(src, dst):  # pragma: no cover
+    # src: (N, P, C) -> dst: (N, C, P). A task copies a block of channels of one image: it
+    # reads one cache line per pixel and writes one sequential stream per channel (about
+    # twice as fast as torch's strided copy of this permutation).
+    n, n_pix, n_ch = src.shape
+    tb = _TRANSPOSE_BLOCK
+    n_cb = (n_ch + tb - 1) // tb
+    for t in numba.prange(n * n_cb):
+        b = t // n_cb
+        c0 = (t - b * n_cb) * tb
+        if c0 + tb <= n_ch:
+            for q in range(np.uint64(n_pix)):
+                for u in range(np.uint64(tb)):
+                    dst[b, c0 + u, q] = src[b, q, c0 + u]
+        else:
+            for q in range(np.uint64(n_pix)):
+                for c in range(c0, n_ch):
+                    dst[b, c, q] = src[b, q, c]
+
+
+def _to_channels_first(rows: Tensor, n: int, h: int, w: int) -> Tensor:
+    """(N·H·W, C) channels-last rows as a contiguous (N, C, H, W) tensor."""
+    c = rows.shape[1]
+    out = torch.empty(n, c, h, w, dtype=rows.dtype)
+    if out.numel() > 0:
+        _numba_threads.launch(
+            _to_channels_first_kernel,
+            rows.reshape(n, h * w, c).numpy(),
+            out.reshape(n, c, h * w).numpy(),
+        )
+    return out
+
+
 class _Problem:
     """Inputs in the compute dtype and the channels-last layout of the direct kernels."""
 
@@ -415,8 +453,7 @@ def forward(
                 b.contiguous().numpy(),
                 out_rows.numpy(),
             )
-    out = out_rows.reshape(p.n, p.h_out, p.w_out, p.c_out).permute(0, 3, 1, 2)
-    return out.to(input.dtype).contiguous()
+    return _to_channels_first(out_rows, p.n, p.h_out, p.w_out).to(input.dtype)
 
 
 @_numba_threads.scoped
@@ -475,7 +512,7 @@ def backward(
         grad_off = torch.zeros_like(grad_off)
     if not need_mask:
         grad_m = torch.zeros_like(grad_m)
-    grad_input = gx.reshape(p.x_nhwc.shape).permute(0, 3, 1, 2).to(input.dtype).contiguous()
+    grad_input = _to_channels_first(gx, p.n, p.height, p.width).to(input.dtype)
     grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
     grad_mask = grad_m.reshape(mask.shape).to(mask.dtype) if mask is not None else None
     # (K, cog, C_in) -> (C_out, C_pg, K_h, K_w)

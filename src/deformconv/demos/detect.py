@@ -28,8 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from deformconv.demos.digits import load_digits
+from deformconv.demos.figures import mean_std_cell
 from deformconv.demos.scenes import DigitScenes, Scene
-from deformconv.demos.train import Distributed, load_checkpoint, save_checkpoint
+from deformconv.demos.train import (
+    Distributed,
+    checkpoint_name,
+    load_checkpoint,
+    parse_seeds,
+    run_task,
+    save_checkpoint,
+)
 from deformconv.models import recording
 
 if TYPE_CHECKING:
@@ -414,11 +422,7 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         mine = [r for r in rows if r["variant"] == variant]
         cells = []
         for key in keys:
-            v = torch.tensor([r[key] for r in mine], dtype=torch.float64)
-            text = f"{100 * float(v.mean()):.1f}"
-            if len(v) > 1:
-                text += f" ± {100 * float(v.std()):.1f}"
-            cells.append(text)
+            cells.append(mean_std_cell([r[key] for r in mine]))
         seconds = sum(r["train_seconds"] for r in mine) / len(mine)
         cells += [f"{seconds:.0f}", str(len(mine))]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -587,10 +591,6 @@ def _scenes(
 def run(args: argparse.Namespace) -> int:
     """``deformconv demo --task detect`` (also under ``torchrun``: DDP, gloo on CPU)."""
     import importlib.util
-    import os
-
-    from deformconv.cli import write_resolved_args
-    from deformconv.demos.train import init_distributed
 
     missing = [m for m in ("torchvision", "pycocotools") if importlib.util.find_spec(m) is None]
     if missing:
@@ -598,25 +598,7 @@ def run(args: argparse.Namespace) -> int:
             f"deformconv demo --task detect needs {' and '.join(missing)}: "
             "pip install 'deformconv[detection]'"
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ddp = init_distributed(args.device)
-    if args.device.startswith("cuda") and ddp.world_size > 1:
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if ddp.main:
-        import deformconv
-
-        write_resolved_args(args, args.out)
-        print(
-            f"deformconv {deformconv.__version__}: detection on digit scenes; backend on "
-            f"{args.device}: {deformconv.available_backends(torch.device(args.device).type)[0]}; "
-            f"{ddp.world_size} process(es), {torch.get_num_threads()} thread(s) each"
-        )
-    try:
-        return run_detect(args, ddp)
-    finally:
-        if ddp.world_size > 1:
-            torch.distributed.destroy_process_group()
+    return run_task(args, "detection on digit scenes", run_detect)
 
 
 def run_detect(
@@ -652,7 +634,7 @@ def run_detect(
     train_scenes = _scenes(data, "train", args.steps * args.batch_size, digits)
     val_scenes = _scenes(data, "val", args.val_samples, digits)
     test_scenes = _scenes(data, "test", args.test_samples, digits)
-    seeds = [int(k) for k in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    seeds = parse_seeds(args)
     several = len(seeds) > 1
     rows: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {}
@@ -674,7 +656,7 @@ def run_detect(
                 "seed": seed,
             }
             settings = {"detector": asdict(config), "data": data, "train": train_config}
-            checkpoint = out / (f"{variant}_seed{seed}.pt" if several else f"{variant}.pt")
+            checkpoint = out / checkpoint_name(variant, seed, several)
             if args.resume and checkpoint.exists():
                 stored = load_checkpoint(checkpoint)
                 found = {k: stored.get(k) for k in settings}

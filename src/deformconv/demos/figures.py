@@ -155,6 +155,15 @@ def dilation_table(
     return rows
 
 
+def mean_std_cell(values: list[float], scale: float = 100.0) -> str:
+    """``mean`` of ``values`` times ``scale``, ``± std`` added when there are several."""
+    v = torch.tensor(values, dtype=torch.float64) * scale
+    text = f"{float(v.mean()):.1f}"
+    if len(v) > 1:
+        text += f" ± {float(v.std()):.1f}"
+    return text
+
+
 def write_table(rows: list[dict[str, Any]], out_dir: Path, stem: str, markdown: str) -> None:
     """Write ``rows`` as ``<stem>.csv`` and ``markdown`` as ``<stem>.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)

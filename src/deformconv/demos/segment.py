@@ -35,8 +35,16 @@ from deformconv.analysis import (
 )
 from deformconv.demos.digits import load_digits
 from deformconv.demos.fcn import HEAD_LAYERS, VARIANTS, SegmentationFCN, build_segmenter
+from deformconv.demos.figures import mean_std_cell
 from deformconv.demos.scenes import NUM_CLASSES, DigitScenes, Scene, collate_scenes
-from deformconv.demos.train import Distributed, TrainConfig, load_checkpoint
+from deformconv.demos.train import (
+    Distributed,
+    TrainConfig,
+    checkpoint_name,
+    load_checkpoint,
+    parse_seeds,
+    run_task,
+)
 from deformconv.models import recording
 from deformconv.nn import DeformConv2d
 
@@ -262,11 +270,7 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         mine = [r for r in rows if r["variant"] == variant]
         cells = []
         for key in ("miou", "iou_small", "iou_medium", "iou_large", "val_miou"):
-            v = torch.tensor([r[key] for r in mine], dtype=torch.float64)
-            text = f"{100 * float(v.mean()):.1f}"
-            if len(v) > 1:
-                text += f" ± {100 * float(v.std()):.1f}"
-            cells.append(text)
+            cells.append(mean_std_cell([r[key] for r in mine]))
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {len(mine)} |")
     return "\n".join(lines) + "\n"
 
@@ -297,10 +301,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Non
         writer.writerows(rows)
 
 
-def _checkpoint_name(variant: str, seed: int, several: bool) -> str:
-    return f"{variant}_seed{seed}.pt" if several else f"{variant}.pt"
-
-
 def run_segment(
     args: argparse.Namespace,
     ddp: Distributed,
@@ -319,7 +319,7 @@ def run_segment(
     started = time.perf_counter()
     out: Path = args.out
     variants = parse_variants(args.variants)
-    seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    seeds = parse_seeds(args)
     several = len(seeds) > 1
     data = data_config(args)
     digits = load_digits()
@@ -344,7 +344,7 @@ def run_segment(
                 "dilation": args.base_dilation,
                 "modulated": args.modulated,
             }
-            checkpoint = out / _checkpoint_name(variant, seed, several)
+            checkpoint = out / checkpoint_name(variant, seed, several)
             if args.resume and checkpoint.exists():
                 stored = load_checkpoint(checkpoint)
                 if stored.get("model_config") != model_config or stored.get("data") != data:
@@ -439,30 +439,7 @@ def _write_outputs(
 
 def run(args: argparse.Namespace) -> int:
     """``deformconv demo --task segment`` (also under ``torchrun``: DDP, gloo on CPU)."""
-    import os
-
-    from deformconv.cli import write_resolved_args
-    from deformconv.demos.train import init_distributed
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ddp = init_distributed(args.device)
-    if args.device.startswith("cuda") and ddp.world_size > 1:
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if ddp.main:
-        import deformconv
-
-        write_resolved_args(args, args.out)
-        print(
-            f"deformconv {deformconv.__version__}: segmentation on digit scenes; backend on "
-            f"{args.device}: {deformconv.available_backends(torch.device(args.device).type)[0]}; "
-            f"{ddp.world_size} process(es), {torch.get_num_threads()} thread(s) each"
-        )
-    try:
-        return run_segment(args, ddp)
-    finally:
-        if ddp.world_size > 1:
-            torch.distributed.destroy_process_group()
+    return run_task(args, "segmentation on digit scenes", run_segment)
 
 
 def trace_unit(model: nn.Module, image: Tensor, unit: tuple[int, int]) -> tuple[Tensor, Tensor]:

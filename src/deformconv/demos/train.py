@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -24,9 +25,12 @@ from deformconv.models import param_groups
 __all__ = [
     "Distributed",
     "TrainConfig",
+    "checkpoint_name",
     "evaluate",
     "init_distributed",
     "load_checkpoint",
+    "parse_seeds",
+    "run_task",
     "save_checkpoint",
     "train",
 ]
@@ -85,6 +89,49 @@ def init_distributed(device: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def parse_seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds 0,1,2`` as a list, else ``[--seed]``."""
+    return [int(k) for k in str(args.seeds).split(",")] if args.seeds else [args.seed]
+
+
+def checkpoint_name(variant: str, seed: int, several: bool) -> str:
+    """``<variant>.pt``, or ``<variant>_seed<k>.pt`` when a run trains several seeds."""
+    return f"{variant}_seed{seed}.pt" if several else f"{variant}.pt"
+
+
+def run_task(
+    args: argparse.Namespace,
+    title: str,
+    body: Callable[[argparse.Namespace, Distributed], int],
+) -> int:
+    """Run a demo task in this process or as one rank of a ``torchrun`` (DDP) job.
+
+    Sets the thread count, joins the DDP job, writes the resolved arguments and prints a
+    banner on rank 0, runs ``body(args, ddp)`` and leaves the process group.
+    """
+    from deformconv.cli import write_resolved_args
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp = init_distributed(args.device)
+    if args.device.startswith("cuda") and ddp.world_size > 1:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if ddp.main:
+        import deformconv
+
+        write_resolved_args(args, args.out)
+        backend = deformconv.available_backends(torch.device(args.device).type)[0]
+        print(
+            f"deformconv {deformconv.__version__}: {title}; backend on {args.device}: "
+            f"{backend}; {ddp.world_size} process(es), {torch.get_num_threads()} thread(s) each"
+        )
+    try:
+        return body(args, ddp)
+    finally:
+        if ddp.world_size > 1:
+            dist.destroy_process_group()
 
 
 PAUSE_ENV = "DEFORMCONV_PAUSE_IN_SAVE"

@@ -92,3 +92,29 @@ def test_import_does_not_load_dynamo():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+EAGER_CALLS = """
+import sys, torch, deformconv
+x = torch.randn(1, 4, 6, 6, requires_grad=True)
+w = torch.randn(4, 4, 3, 3, requires_grad=True)
+off = torch.randn(1, 18, 6, 6, requires_grad=True)
+for backend in deformconv.available_backends("cpu"):
+    with deformconv.use_backend(backend):
+        deformconv.deform_conv2d(x, off, w, padding=1).sum().backward()
+        deformconv.dcnv3(torch.randn(1, 5, 5, 8), torch.randn(1, 5, 5, 18),
+                         torch.rand(1, 5, 5, 9)).sum()
+        boxes = torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0]])
+        deformconv.deform_roi_pool(x, boxes, None, output_size=2).sum().backward()
+print('torch._dynamo' in sys.modules)
+"""
+
+
+def test_eager_calls_do_not_load_dynamo():
+    """Eager use of every op (forward and backward) costs no Dynamo import (seconds)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", EAGER_CALLS], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

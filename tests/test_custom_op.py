@@ -38,7 +38,7 @@ def _args(cfg: Config, backend: str, requires_grad: bool = True):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_opcheck_forward(backend, case):
-    torch.library.opcheck(deform_conv2d_op, _args(CASES[case], backend))
+    torch.library.opcheck(deform_conv2d_op.default, _args(CASES[case], backend))
 
 
 NEEDS = {"all": [True] * 5, "first_layer": [False, True, True, True, True], "weight": [False, False, False, True, True]}  # fmt: skip
@@ -50,7 +50,7 @@ def test_opcheck_backward(backend, case, needs):
     args = _args(CASES[case], backend, requires_grad=False)
     cfg = CASES[case]
     grad_output = torch.randn(cfg.batch, cfg.out_channels, *cfg.out_size)
-    torch.library.opcheck(deform_conv2d_backward_op, (grad_output, *args, NEEDS[needs]))
+    torch.library.opcheck(deform_conv2d_backward_op.default, (grad_output, *args, NEEDS[needs]))
 
 
 def test_opcheck_double_backward(backend):
@@ -67,7 +67,7 @@ def test_opcheck_double_backward(backend):
     if backend == "reference":
         utils += ("test_aot_dispatch_dynamic",)
     torch.library.opcheck(
-        deform_conv2d_backward_op, (grad_output, *args, [True] * 5), test_utils=utils
+        deform_conv2d_backward_op.default, (grad_output, *args, [True] * 5), test_utils=utils
     )
 
 

@@ -361,10 +361,10 @@ def _op_args(backend: str, requires_grad: bool):
 
 
 def test_opcheck(backend):
-    torch.library.opcheck(dcnv3_op, _op_args(backend, True))
+    torch.library.opcheck(dcnv3_op.default, _op_args(backend, True))
     args = _op_args(backend, False)
     grad_output = torch.randn(2, *CASES["remove_center"].out_size, 6)
-    torch.library.opcheck(dcnv3_backward_op, (grad_output, *args))
+    torch.library.opcheck(dcnv3_backward_op.default, (grad_output, *args))
 
 
 def test_compile_fullgraph_matches_eager(backend):

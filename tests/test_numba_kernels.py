@@ -230,7 +230,7 @@ def test_opcheck_numba():
     x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32, offset_scale=1.0)
     args = [t.requires_grad_() for t in (x, offset, mask, weight, bias)]
     geo = [list(cfg.stride), list(cfg.padding), list(cfg.dilation)]
-    torch.library.opcheck(deform_conv2d_op, (*args, *geo, "numba"))
+    torch.library.opcheck(deform_conv2d_op.default, (*args, *geo, "numba"))
 
 
 def test_gradcheck_through_custom_op():

@@ -141,7 +141,7 @@ def _op_args(backend: str, ps: bool, requires_grad: bool = True):
 @pytest.mark.parametrize("ps", [False, True], ids=["plain", "ps"])
 @pytest.mark.parametrize("op_backend", ["reference", "embedding_bag", "auto"])
 def test_opcheck_forward(op_backend, ps):
-    torch.library.opcheck(deform_roi_pool_op, _op_args(op_backend, ps))
+    torch.library.opcheck(deform_roi_pool_op.default, _op_args(op_backend, ps))
 
 
 @pytest.mark.parametrize("op_backend", ["reference", "embedding_bag"])
@@ -149,7 +149,7 @@ def test_opcheck_backward(op_backend):
     args = _op_args(op_backend, False, requires_grad=False)
     grad = torch.randn(3, 4, 2, 2)
     for wanted in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(deform_roi_pool_backward_op, (grad, *args, wanted))
+        torch.library.opcheck(deform_roi_pool_backward_op.default, (grad, *args, wanted))
 
 
 def test_op_without_offset_and_mask():

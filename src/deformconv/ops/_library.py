@@ -55,6 +55,7 @@ from torch import Tensor
 
 from deformconv.kernels import reference
 from deformconv.ops import _backend
+from deformconv.ops._oplib import custom_op
 from deformconv.ops._validation import check_deform_conv2d
 
 __all__ = ["deform_conv2d_backward_op", "deform_conv2d_op"]
@@ -148,7 +149,7 @@ def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
-@torch.library.custom_op("deformconv::deform_conv2d", mutates_args=())
+@custom_op("deformconv::deform_conv2d")
 def deform_conv2d_op(
     input: Tensor,
     offset: Tensor,
@@ -190,7 +191,7 @@ def _(input, offset, mask, weight, bias, stride, padding, dilation, backend):  #
     return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
 
 
-@torch.library.custom_op("deformconv::deform_conv2d_backward", mutates_args=())
+@custom_op("deformconv::deform_conv2d_backward")
 def deform_conv2d_backward_op(
     grad_output: Tensor,
     input: Tensor,

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from deformconv.kernels import roi_reference
 from deformconv.ops import _backend
+from deformconv.ops._oplib import custom_op
 from deformconv.ops._roi_validation import check_batch_index, check_roi_pool
 
 __all__ = ["deform_roi_pool_backward_op", "deform_roi_pool_op", "gather_ops"]
@@ -60,7 +61,7 @@ def _compute(t: Tensor | None) -> Tensor | None:
     return t.float() if t.dtype in _HALF else t
 
 
-@torch.library.custom_op("deformconv::deform_roi_pool", mutates_args=())
+@custom_op("deformconv::deform_roi_pool")
 def deform_roi_pool_op(
     input: Tensor,
     rois: Tensor,
@@ -125,7 +126,7 @@ def _(
     return input.new_empty(rois.shape[0], c, out_h, out_w)
 
 
-@torch.library.custom_op("deformconv::deform_roi_pool_backward", mutates_args=())
+@custom_op("deformconv::deform_roi_pool_backward")
 def deform_roi_pool_backward_op(
     grad_output: Tensor,
     input: Tensor,

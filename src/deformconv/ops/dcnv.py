@@ -31,6 +31,7 @@ from deformconv.kernels import dcnv_reference
 from deformconv.ops import _backend
 from deformconv.ops._errors import ArgumentError
 from deformconv.ops._library import _alert_not_deterministic
+from deformconv.ops._oplib import custom_op
 
 __all__ = ["dcnv3", "dcnv3_backward_op", "dcnv3_op", "dcnv4"]
 
@@ -191,7 +192,7 @@ def _t(v: Sequence[int]) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
-@torch.library.custom_op("deformconv::dcnv3", mutates_args=())
+@custom_op("deformconv::dcnv3")
 def dcnv3_op(
     input: Tensor,
     offset: Tensor,
@@ -239,7 +240,7 @@ def _(input, offset, mask, kernel_size, stride, padding, dilation, group, offset
     return input.new_empty(*offset.shape[:3], input.shape[3])
 
 
-@torch.library.custom_op("deformconv::dcnv3_backward", mutates_args=())
+@custom_op("deformconv::dcnv3_backward")
 def dcnv3_backward_op(
     grad_output: Tensor,
     input: Tensor,

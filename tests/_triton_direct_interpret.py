@@ -27,6 +27,21 @@ CASES: dict[str, tuple[Config, torch.dtype]] = {
 }  # fmt: skip
 
 
+# The backward of NEEDS_GRAD_CASE with only some gradients asked for.
+NEEDS_GRAD_CASE = "groups_2_offset_groups_4"
+NEEDS_GRAD = [
+    (True, False, False, False, False),
+    (False, True, False, False, False),
+    (False, False, True, False, False),
+    (False, False, False, True, True),
+    (False, False, False, False, False),
+]
+
+
+def needs_grad_key(needs_grad: tuple[bool, ...]) -> str:
+    return "".join("TF"[not n] for n in needs_grad)
+
+
 def make_case(name: str) -> dict[str, object]:
     cfg, dtype = CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
@@ -50,6 +65,15 @@ def main(out_path: str) -> None:
         out = _triton_direct.forward(*tensors, *args)
         grads = _triton_direct.backward(c["grad_output"], *tensors, *args)
         results[name] = {**c, "out": out, "grads": list(grads)}
+    c = make_case(NEEDS_GRAD_CASE)
+    args = (c["stride"], c["padding"], c["dilation"])
+    tensors = [c[k] for k in ("input", "offset", "mask", "weight", "bias")]
+    results["needs_grad"] = {
+        needs_grad_key(needs): list(
+            _triton_direct.backward(c["grad_output"], *tensors, *args, needs_grad=needs)
+        )
+        for needs in NEEDS_GRAD
+    }
     torch.save(results, out_path)
 
 

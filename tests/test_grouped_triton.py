@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _triton_direct_interpret import CASES
+from _triton_direct_interpret import CASES, NEEDS_GRAD, NEEDS_GRAD_CASE, needs_grad_key
 from deformconv.kernels import reference
 
 pytest.importorskip("triton")
@@ -57,3 +57,18 @@ def test_direct_triton_matches_reference(interpreted, name):
         assert (leaf is None) == (g is None), what
         if leaf is not None:
             torch.testing.assert_close(g, next(ref_grads), **TOL[dtype], msg=what)
+
+
+@pytest.mark.parametrize("needs_grad", NEEDS_GRAD, ids=needs_grad_key)
+def test_direct_triton_computes_only_the_gradients_asked_for(interpreted, needs_grad):
+    c = interpreted[NEEDS_GRAD_CASE]
+    leaves = [c[k].detach().clone().requires_grad_() for k in NAMES]
+    expected = reference.deform_conv2d(*leaves, c["stride"], c["padding"], c["dilation"])
+    wanted = torch.autograd.grad(expected, leaves, c["grad_output"])
+    got = interpreted["needs_grad"][needs_grad_key(needs_grad)]
+    for what, need, g, want in zip(NAMES, needs_grad, got, wanted, strict=True):
+        if need:
+            assert g is not None, what
+            torch.testing.assert_close(g, want, **TOL[want.dtype], msg=what)
+        else:
+            assert g is None, f"grad_{what} was computed although not needed"

@@ -20,6 +20,8 @@ flat indices are 64-bit. The kernels run on CPU tensors under ``TRITON_INTERPRET
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -203,7 +205,12 @@ def _backward_kernel(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_OFF: tl.constexpr,
+    NEED_W: tl.constexpr,
 ):
+    # NEED_X / NEED_OFF / NEED_W: which gradients to accumulate (input; offset and mask;
+    # weight); the others' atomic adds are compiled out.
     wg = tl.program_id(1)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows
@@ -232,18 +239,24 @@ def _backward_kernel(
             w_addr = (co * C_PG + i) * K + kp
             wv = tl.load(w_ptr + w_addr, mask=j_ok, other=0.0).to(ACC)
             gs = tl.sum(go * wv[None, :], axis=1)  # d loss / d (m · sample), per pixel
-            tl.atomic_add(gw_ptr + w_addr, tl.sum(go * (val * m)[:, None], axis=0), mask=j_ok)
+            if NEED_W:
+                gw = tl.sum(go * (val * m)[:, None], axis=0)
+                tl.atomic_add(gw_ptr + w_addr, gw, mask=j_ok)
             gsm = gs * m
-            tl.atomic_add(gx_ptr + a00, gsm * hy * hx, mask=ok00)
-            tl.atomic_add(gx_ptr + a01, gsm * hy * lx, mask=ok01)
-            tl.atomic_add(gx_ptr + a10, gsm * ly * hx, mask=ok10)
-            tl.atomic_add(gx_ptr + a11, gsm * ly * lx, mask=ok11)
-            dvdy = (v10 - v00) * hx + (v11 - v01) * lx
-            dvdx = (v01 - v00) * hy + (v11 - v10) * ly
-            tl.atomic_add(goff_ptr + off_addr, tl.where(inside, gsm * dvdy, 0.0), mask=r_ok)
-            tl.atomic_add(goff_ptr + off_addr + L, tl.where(inside, gsm * dvdx, 0.0), mask=r_ok)
-            if HAS_MASK:
-                tl.atomic_add(gmask_ptr + (n * (N_OFF * K) + gk) * L + ll, gs * val, mask=r_ok)
+            if NEED_X:
+                tl.atomic_add(gx_ptr + a00, gsm * hy * hx, mask=ok00)
+                tl.atomic_add(gx_ptr + a01, gsm * hy * lx, mask=ok01)
+                tl.atomic_add(gx_ptr + a10, gsm * ly * hx, mask=ok10)
+                tl.atomic_add(gx_ptr + a11, gsm * ly * lx, mask=ok11)
+            if NEED_OFF:
+                dvdy = (v10 - v00) * hx + (v11 - v01) * lx
+                dvdx = (v01 - v00) * hy + (v11 - v10) * ly
+                gy = tl.where(inside, gsm * dvdy, 0.0)
+                tl.atomic_add(goff_ptr + off_addr, gy, mask=r_ok)
+                tl.atomic_add(goff_ptr + off_addr + L, tl.where(inside, gsm * dvdx, 0.0), mask=r_ok)
+                if HAS_MASK:
+                    g_m = gs * val
+                    tl.atomic_add(gmask_ptr + (n * (N_OFF * K) + gk) * L + ll, g_m, mask=r_ok)
 
 
 def _launch_args(
@@ -337,17 +350,17 @@ def backward(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     needs_grad: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`forward` for ``(input, offset, mask, weight, bias)``.
 
     Args: as :func:`forward`, plus ``grad_output`` (N, C_out, H_out, W_out) and
-    ``needs_grad`` (accepted for the backend contract; the kernel computes all gradients
-    in one pass).
+    ``needs_grad`` (which of ``(input, offset, mask, weight, bias)`` to compute; the
+    offset and mask gradients come from the same sums, so either asks for both sums).
 
     Returns:
         Gradients shaped and typed like ``(input, offset, mask, weight, bias)``; None for
-        ``mask``/``bias`` when they are None. Summed with atomic adds: the last bits may
-        vary between runs.
+        an argument that is None or whose gradient is not needed. Summed with atomic adds:
+        the last bits may vary between runs.
     """
     dtype = input.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -355,11 +368,17 @@ def backward(
     offset_c = offset.to(dtype).contiguous()
     mask_c = None if mask is None else mask.to(dtype).contiguous()
     weight_c = weight.to(dtype).contiguous()
-    gx = torch.zeros(input.shape, dtype=acc, device=input.device)
-    g_off = torch.zeros(offset.shape, dtype=acc, device=input.device)
-    g_mask = torch.zeros(mask.shape if mask is not None else (1,), dtype=acc, device=input.device)
-    g_w = torch.zeros(weight.shape, dtype=acc, device=input.device)
-    if grad_output.numel() > 0:
+    need_x, need_off, need_mask, need_w, need_b = needs_grad
+    need_mask = need_mask and mask is not None
+
+    def buffer(shape: Sequence[int], needed: bool) -> Tensor:  # unneeded: never written
+        return torch.zeros(shape if needed else (1,), dtype=acc, device=input.device)
+
+    gx = buffer(input.shape, need_x)
+    g_off = buffer(offset.shape, need_off or need_mask)
+    g_mask = buffer(mask.shape if mask is not None else (1,), need_off or need_mask)
+    g_w = buffer(weight.shape, need_w)
+    if grad_output.numel() > 0 and (need_x or need_off or need_mask or need_w):
         grid, args, meta = _launch_args(input, offset_c, weight_c, stride, padding, dilation)
         _backward_kernel[grid](
             input,
@@ -373,15 +392,18 @@ def backward(
             g_w,
             *args,
             HAS_MASK=mask is not None,
+            NEED_X=need_x,
+            NEED_OFF=need_off or need_mask,
+            NEED_W=need_w,
             **meta,
         )
     grad_bias = None
-    if bias is not None:
+    if bias is not None and need_b:
         grad_bias = grad_output.sum((0, 2, 3), dtype=acc).to(bias.dtype)
     return (
-        gx.to(dtype),
-        g_off.to(offset.dtype),
-        None if mask is None else g_mask.to(mask.dtype),
-        g_w.to(weight.dtype),
+        gx.to(dtype) if need_x else None,
+        g_off.to(offset.dtype) if need_off else None,
+        g_mask.to(mask.dtype) if need_mask and mask is not None else None,
+        g_w.to(weight.dtype) if need_w else None,
         grad_bias,
     )

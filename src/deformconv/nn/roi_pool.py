@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from deformconv._utils import IntPair, pair
+from deformconv.nn._roi_heads import mask_head, offset_head, reset_heads
 from deformconv.ops import deform_roi_pool
 from deformconv.ops._errors import ArgumentError
 from deformconv.ops._roi_library import deform_roi_pool_op  # noqa: F401  (registers the op)
@@ -142,19 +143,9 @@ class DeformRoIPool2d(nn.Module):
         self.in_channels, self.hidden_features = in_channels, hidden_features
         self.modulated, self.mask_activation, self.record = modulated, mask_activation, record
         bins = self.output_size[0] * self.output_size[1]
-        self.offset_fc = nn.Sequential(
-            nn.Linear(in_channels * bins, hidden_features, device=device, dtype=dtype),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_features, hidden_features, device=device, dtype=dtype),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_features, 2 * bins, device=device, dtype=dtype),
-        )
+        self.offset_fc = offset_head(in_channels * bins, hidden_features, bins, device, dtype)
         self.mask_fc = (
-            nn.Sequential(
-                nn.Linear(in_channels * bins, hidden_features, device=device, dtype=dtype),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden_features, bins, device=device, dtype=dtype),
-            )
+            mask_head(in_channels * bins, hidden_features, bins, device, dtype)
             if modulated
             else None
         )
@@ -164,15 +155,7 @@ class DeformRoIPool2d(nn.Module):
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default init for the hidden layers; the last layers to 0."""
-        heads = [self.offset_fc] + ([self.mask_fc] if self.mask_fc is not None else [])
-        for head in heads:
-            for layer in head:
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
-            last = head[-1]
-            assert isinstance(last, nn.Linear)  # for mypy: built in __init__
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+        reset_heads(self.offset_fc, self.mask_fc)
 
     def _pool(
         self, input: Tensor, rois: Tensor, offset: Tensor | None, mask: Tensor | None

@@ -432,13 +432,15 @@ class _Problem:
         self.base_y, self.base_x = _base_grid(
             k_h, k_w, self.h_out, self.w_out, stride, padding, dilation, dt
         )
-        # (C_out, C_pg, K_h, K_w) -> (groups, K·C_pg, C_out/groups): the columns' order.
+        # (C_out, C_pg, K_h, K_w) -> (groups, C_out/groups, K·C_pg): each output channel's
+        # weights in the columns' order. Only (C_pg, K) swaps, within one output channel's
+        # weights (in cache); the GEMMs read it transposed where they need to.
         w = (
             weight.detach()
             .to(dt)
             .reshape(self.groups, self.c_out // self.groups, self.c_pg, self.k)
         )
-        self.w_mat = w.permute(0, 3, 2, 1).reshape(self.groups, self.k * self.c_pg, -1)
+        self.w_mat = w.transpose(2, 3).reshape(self.groups, -1, self.k * self.c_pg)
 
     @property
     def row_width(self) -> int:
@@ -524,7 +526,7 @@ def forward(
         chunk = cols[: r1 - r0]
         p.im2col(chunk, r0)
         for g in range(p.groups):
-            torch.mm(p.group_columns(chunk, g), p.w_mat[g], out=out_rows[g, r0:r1])
+            torch.mm(p.group_columns(chunk, g), p.w_mat[g].t(), out=out_rows[g, r0:r1])
     # (groups, N·L, C_out/groups) -> (N, C_out, H_out, W_out), bias added in the same pass.
     rows_view = out_rows.reshape(p.groups, p.n, p.length, cog).permute(1, 0, 3, 2)
     rows_view = rows_view.reshape(p.n, p.c_out, p.h_out, p.w_out)
@@ -590,7 +592,9 @@ def backward(
     block = _channel_block(c_per, images * p.n_off)
     n_blocks = max(1, -(-c_per // block))
     gx = torch.zeros_like(p.x) if want_x else None
-    gw_mat = torch.zeros_like(p.w_mat) if want_w else None
+    gw_mat = None  # written by the first chunk (beta 0), zero when there is none
+    if want_w:
+        gw_mat = torch.empty_like(p.w_mat) if chunks else torch.zeros_like(p.w_mat)
     g_off = p.x.new_empty(n_blocks, *p.off.shape) if want_off else None
     g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length) if want_off else None
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
@@ -601,13 +605,14 @@ def backward(
             p.im2col(chunk, r0)
         for g in range(p.groups):
             if gw_mat is not None:
-                gw_mat[g].addmm_(p.group_columns(chunk, g).t(), g_rows[g, r0:r1])
+                beta = 0.0 if r0 == 0 else 1.0  # beta 0: ignores (never reads) the buffer
+                gw_mat[g].addmm_(g_rows[g, r0:r1].t(), p.group_columns(chunk, g), beta=beta)
             if gx is None and g_off is None:
                 continue
             if p.groups == 1:
-                torch.mm(g_rows[g, r0:r1], p.w_mat[g].t(), out=gchunk)
+                torch.mm(g_rows[g, r0:r1], p.w_mat[g], out=gchunk)
             else:
-                p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g].t())
+                p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g])
         if gx is not None or g_off is not None:
             p.col2im(gchunk, r0, gx, g_off, g_mask, block)
     grad_input: Tensor | None = None
@@ -629,7 +634,7 @@ def backward(
         grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
     if gw_mat is not None:
         k_h, k_w = weight.shape[2], weight.shape[3]
-        grad_weight = gw_mat.reshape(p.groups, k_h, k_w, p.c_pg, cog).permute(0, 4, 3, 1, 2)
+        grad_weight = gw_mat.reshape(p.groups, cog, k_h, k_w, p.c_pg).permute(0, 1, 4, 2, 3)
         grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
     if bias is not None and want_b:
         # Summed from the contiguous rows: the same order whatever grad_output's strides.

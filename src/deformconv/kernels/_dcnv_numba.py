@@ -38,6 +38,9 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
@@ -136,56 +139,111 @@ def _forward(
                     )  # fmt: skip
 
 
-@numba.njit(inline="always")
-def _dot4(a, ra, b, r0, r1, r2, r3, c0, cnt):  # pragma: no cover
-    """Four dot products sum_k a[ra, c0 + k] · b[r_q, c0 + k] (k < cnt) in one pass.
+#: Lanes of the explicit vectors below (one AVX register of float32).
+_LANES = 8
 
-    Four interleaved partial sums per product (so LLVM vectorises without fastmath),
-    combined in a fixed tree: a fixed summation order, hence reproducible results.
+
+class _Vec(types.Type):
+    """Eight lanes of ``dtype`` held in one LLVM vector value (``<8 x float>``)."""
+
+    def __init__(self, dtype: types.Type) -> None:
+        self.dtype = dtype
+        super().__init__(name=f"_Vec{_LANES}[{dtype}]")
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: _Vec) -> None:
+        lane = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(lane, _LANES))
+
+
+def _lanes_pointer(context: Any, builder: Any, aty: Any, a: Any, r: Any, c: Any) -> Any:
+    arr = context.make_array(aty)(context, builder, a)
+    shape = cgutils.unpack_tuple(builder, arr.shape, aty.ndim)
+    strides = cgutils.unpack_tuple(builder, arr.strides, aty.ndim)
+    return cgutils.get_item_pointer2(context, builder, arr.data, shape, strides, aty.layout, [r, c])
+
+
+@intrinsic
+def _vload(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+    """``a[r, c : c + 8]`` as a vector (the caller keeps ``c + 8`` within the row)."""
+    sig = _Vec(a.dtype)(a, r, c)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = context.get_value_type(sig.return_type)
+        ptr = _lanes_pointer(context, builder, sig.args[0], *args)
+        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
+
+    return sig, codegen
+
+
+@intrinsic
+def _vstore(typingctx: Any, a: Any, r: Any, c: Any, v: Any) -> Any:
+    """``a[r, c : c + 8] = v``."""
+    sig = types.none(a, r, c, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _lanes_pointer(context, builder, sig.args[0], *args[:3])
+        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+        builder.store(args[3], builder.bitcast(ptr, args[3].type.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _vsplat(typingctx: Any, s: Any) -> Any:
+    """A vector with ``s`` in every lane."""
+    sig = _Vec(s)(s)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = context.get_value_type(sig.return_type)
+        i32 = ir.IntType(32)
+        v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], i32(0))
+        zeros = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+    return sig, codegen
+
+
+@intrinsic
+def _vmuladd(typingctx: Any, acc: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``acc + u·v``: a multiply, then an add (no contraction, as in scalars)."""
+    sig = acc(acc, u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
+
+    return sig, codegen
+
+
+@intrinsic
+def _vsum4(typingctx: Any, v0: Any, v1: Any, v2: Any, v3: Any) -> Any:
+    """The lane sums of four vectors, by lane shuffles.
+
+    Each sum runs in the same fixed tree ``((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))``.
     """
-    zero = a.dtype.type(0)
-    p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = zero
-    s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = zero
-    four = np.uint64(4)
-    full = cnt // four * four
-    o1 = np.uint64(1)
-    o2 = np.uint64(2)
-    o3 = np.uint64(3)
-    for j in range(np.uint64(0), full, four):
-        k = c0 + j
-        g0 = a[ra, k]
-        g1 = a[ra, k + o1]
-        g2 = a[ra, k + o2]
-        g3 = a[ra, k + o3]
-        p0 += g0 * b[r0, k]
-        p1 += g1 * b[r0, k + o1]
-        p2 += g2 * b[r0, k + o2]
-        p3 += g3 * b[r0, k + o3]
-        q0 += g0 * b[r1, k]
-        q1 += g1 * b[r1, k + o1]
-        q2 += g2 * b[r1, k + o2]
-        q3 += g3 * b[r1, k + o3]
-        s0 += g0 * b[r2, k]
-        s1 += g1 * b[r2, k + o1]
-        s2 += g2 * b[r2, k + o2]
-        s3 += g3 * b[r2, k + o3]
-        t0 += g0 * b[r3, k]
-        t1 += g1 * b[r3, k + o1]
-        t2 += g2 * b[r3, k + o2]
-        t3 += g3 * b[r3, k + o3]
-    for j in range(full, cnt):
-        k = c0 + j
-        g0 = a[ra, k]
-        p0 += g0 * b[r0, k]
-        q0 += g0 * b[r1, k]
-        s0 += g0 * b[r2, k]
-        t0 += g0 * b[r3, k]
-    return (
-        (p0 + p2) + (p1 + p3),
-        (q0 + q2) + (q1 + q3),
-        (s0 + s2) + (s1 + s3),
-        (t0 + t2) + (t1 + t3),
-    )
+    sig = types.UniTuple(v0.dtype, 4)(v0, v1, v2, v3)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+
+        def pick(a: Any, b: Any, lanes: list[int]) -> Any:
+            mask = ir.Constant(ir.VectorType(i32, len(lanes)), lanes)
+            return builder.shuffle_vector(a, b, mask)
+
+        # halves: h[i] = l[i] + l[i + 4]
+        h = [builder.fadd(pick(v, v, [0, 1, 2, 3]), pick(v, v, [4, 5, 6, 7])) for v in args]
+        # pairs: (h0[0] + h0[2], h0[1] + h0[3], h1[0] + h1[2], h1[1] + h1[3])
+        t01 = builder.fadd(pick(h[0], h[1], [0, 1, 4, 5]), pick(h[0], h[1], [2, 3, 6, 7]))
+        t23 = builder.fadd(pick(h[2], h[3], [0, 1, 4, 5]), pick(h[2], h[3], [2, 3, 6, 7]))
+        s = builder.fadd(pick(t01, t23, [0, 2, 4, 6]), pick(t01, t23, [1, 3, 5, 7]))
+        items = [builder.extract_element(s, i32(i)) for i in range(4)]
+        return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
 
 
 @_jit
@@ -219,6 +277,7 @@ def _backward(
     n_blocks = g_off.shape[0]
     one = x.dtype.type(1)
     zero = one - one
+    vzero = _vsplat(zero)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
     for t in numba.prange(n_img * group * n_blocks):
         b = t // (group * n_blocks)
@@ -227,6 +286,8 @@ def _backward(
         c_lo = g * c_g + blk * block
         cnt = np.uint64(min(block, (g + 1) * c_g - c_lo))
         cu = np.uint64(c_lo)
+        lanes = np.uint64(_LANES)
+        full = cnt // lanes * lanes
         pix = b * height * width
         for l_ in range(length):
             r = b * length + l_
@@ -258,13 +319,38 @@ def _backward(
                 a01 = np.uint64(pix + i01)
                 a10 = np.uint64(pix + i10)
                 a11 = np.uint64(pix + i11)
-                d00, d01, d10, d11 = _dot4(gout, ru, x, a00, a01, a10, a11, cu, cnt)
-                for k in range(cnt):  # vectorised: no reduction in this loop
-                    go = gout[ru, cu + k]
-                    gx[a00, cu + k] += w00 * go
-                    gx[a01, cu + k] += w01 * go
-                    gx[a10, cu + k] += w10 * go
-                    gx[a11, cu + k] += w11 * go
+                # One pass over the block's channels, eight at a time: the four dot
+                # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums
+                # (reduced in a fixed tree), and the scatter into gx. Each corner's
+                # read-modify-write completes before the next: corners may share a row.
+                s00 = s01 = s10 = s11 = vzero
+                u00 = _vsplat(w00)
+                u01 = _vsplat(w01)
+                u10 = _vsplat(w10)
+                u11 = _vsplat(w11)
+                for k in range(np.uint64(0), full, lanes):
+                    c = cu + k
+                    go = _vload(gout, ru, c)
+                    s00 = _vmuladd(s00, go, _vload(x, a00, c))
+                    s01 = _vmuladd(s01, go, _vload(x, a01, c))
+                    s10 = _vmuladd(s10, go, _vload(x, a10, c))
+                    s11 = _vmuladd(s11, go, _vload(x, a11, c))
+                    _vstore(gx, a00, c, _vmuladd(_vload(gx, a00, c), u00, go))
+                    _vstore(gx, a01, c, _vmuladd(_vload(gx, a01, c), u01, go))
+                    _vstore(gx, a10, c, _vmuladd(_vload(gx, a10, c), u10, go))
+                    _vstore(gx, a11, c, _vmuladd(_vload(gx, a11, c), u11, go))
+                d00, d01, d10, d11 = _vsum4(s00, s01, s10, s11)
+                for k in range(full, cnt):  # the last cnt % 8 channels, in order
+                    c = cu + k
+                    go = gout[ru, c]
+                    d00 += go * x[a00, c]
+                    d01 += go * x[a01, c]
+                    d10 += go * x[a10, c]
+                    d11 += go * x[a11, c]
+                    gx[a00, c] += w00 * go
+                    gx[a01, c] += w01 * go
+                    gx[a10, c] += w10 * go
+                    gx[a11, c] += w11 * go
                 d00 *= v00
                 d01 *= v01
                 d10 *= v10

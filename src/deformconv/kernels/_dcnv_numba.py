@@ -71,17 +71,19 @@ def _corners(y, x, height, width, one):  # pragma: no cover
     lx = x - x0
     iy0 = np.int64(y0)  # in [-1, H - 1]: y was range-checked, so the conversion is exact
     ix0 = np.int64(x0)
-    zero = one - one
-    vy0 = one if iy0 >= 0 else zero
-    vy1 = one if iy0 + 1 < height else zero
-    vx0 = one if ix0 >= 0 else zero
-    vx1 = one if ix0 + 1 < width else zero
+    # Validity by arithmetic on the exact integers y0 in [-1, H - 1] (min, not a
+    # branch): row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1.
+    vy0 = min(y0 + one, one)
+    vy1 = min((height - one) - y0, one)
+    vx0 = min(x0 + one, one)
+    vx1 = min((width - one) - x0, one)
     ry0 = max(iy0, 0)
-    ry1 = min(iy0 + 1, height - 1)
+    ry1 = min(iy0 + 1, np.int64(height) - 1)
     rx0 = max(ix0, 0)
-    rx1 = min(ix0 + 1, width - 1)
+    rx1 = min(ix0 + 1, np.int64(width) - 1)
+    w = np.int64(width)
     return (
-        ry0 * width + rx0, ry0 * width + rx1, ry1 * width + rx0, ry1 * width + rx1,
+        ry0 * w + rx0, ry0 * w + rx1, ry1 * w + rx0, ry1 * w + rx1,
         ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1,
     )  # fmt: skip
 
@@ -98,6 +100,8 @@ def _forward(
     length = h_out * w_out
     one = x.dtype.type(1)
     zero = one - one
+    fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
+    fw = x.dtype.type(width)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
     for r in numba.prange(out.shape[0]):
         b = r // length
@@ -115,12 +119,10 @@ def _forward(
                 j = g * n_p + p
                 xx = bx + (kx[p] + off[r, 2 * j]) * scale
                 yy = by + (ky[p] + off[r, 2 * j + 1]) * scale
-                if not (yy >= -1 and yy < height and xx >= -1 and xx < width):  # NaN: False
+                if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
                     continue
                 m = mask[r, j]
-                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(
-                    yy, xx, height, width, one
-                )
+                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
                 hy = one - ly
                 hx = one - lx
                 w00 = hy * hx * v00 * m
@@ -266,7 +268,7 @@ def _backward(
     scale,
     block,
 ):  # pragma: no cover
-    # gout: (N·L, C); gx: (N·H·W, C), zero on entry; g_off: (B, N·L, G·P·2) and
+    # gout: (N·L, C); gx: (N·H·W, C), written whole; g_off: (B, N·L, G·P·2) and
     # g_mask: (B, N·L, G·P) partials, one per channel block of ``block`` channels.
     # Task (image, group, block) owns gx[image's pixels, block's channels] and
     # g_off[block, image's rows, group's points].
@@ -277,6 +279,8 @@ def _backward(
     n_blocks = g_off.shape[0]
     one = x.dtype.type(1)
     zero = one - one
+    fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
+    fw = x.dtype.type(width)
     vzero = _vsplat(zero)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
     for t in numba.prange(n_img * group * n_blocks):
@@ -289,6 +293,12 @@ def _backward(
         lanes = np.uint64(_LANES)
         full = cnt // lanes * lanes
         pix = b * height * width
+        for i in range(pix, pix + height * width):  # this task's part of gx, zeroed
+            iu = np.uint64(i)
+            for k in range(np.uint64(0), full, lanes):
+                _vstore(gx, iu, cu + k, vzero)
+            for k in range(full, cnt):
+                gx[iu, cu + k] = zero
         for l_ in range(length):
             r = b * length + l_
             ru = np.uint64(r)
@@ -300,15 +310,13 @@ def _backward(
                 j = g * n_p + p
                 xx = bx + (kx[p] + off[r, 2 * j]) * scale
                 yy = by + (ky[p] + off[r, 2 * j + 1]) * scale
-                if not (yy >= -1 and yy < height and xx >= -1 and xx < width):  # NaN: False
+                if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
                     g_off[blk, r, 2 * j] = zero
                     g_off[blk, r, 2 * j + 1] = zero
                     g_mask[blk, r, j] = zero
                     continue
                 m = mask[r, j]
-                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(
-                    yy, xx, height, width, one
-                )
+                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
                 hy = one - ly
                 hx = one - lx
                 w00 = hy * hx * v00 * m
@@ -469,7 +477,7 @@ def backward(
     block = _channel_block(p.n, group, c_g)
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
-    gx = torch.zeros_like(p.x)
+    gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
     g_off = p.x.new_empty(n_blocks, *p.off.shape)
     g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
     if p.rows > 0:

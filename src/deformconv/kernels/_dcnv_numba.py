@@ -2,30 +2,41 @@
 
 The core has no weights, so there is no GEMM: every output value is a gather-accumulate
 ``out[r, g·C_g + c] = Σ_p m_p · Σ_q w_q · x[corner_q, g·C_g + c]``. In channels-last
-layout the C_g channels of a corner are contiguous, so the inner loop is a vectorised
-axpy over them; the corners, their weights and the mask are found once per (pixel,
-group, point) and shared by the group's channels.
+layout the C_g channels of a corner are contiguous, so the inner loops run over them in
+vectors; the corners, their weights and the mask are found once per (pixel, group,
+point) and shared by the group's channels.
 
 Forward (parallel over output pixels): each pixel writes its own row of the output.
 
-Backward (parallel over tasks (image, group, block of channels)): a task walks the
-image's output pixels in order and
+Backward (parallel over tasks (image, group, block of channels)): a task zeroes its part
+of ``grad_input``, then walks the image's output pixels in order and, per point, makes
+one pass over its channels, eight at a time, that
 
 - adds ``m·w_q·grad_out`` to ``grad_input`` at the four corners, restricted to its own
   channels of its own image: no two tasks write the same element (no atomics);
-- computes ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` over its channels, from which
-  the mask and offset gradients follow; when a group's channels are split into several
-  blocks, each block writes its own partial and the partials are summed afterwards in
-  a fixed order.
+- accumulates ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` in eight lanes per corner,
+  summed at the end in a fixed tree; the mask and offset gradients follow from the
+  d_q. When a group's channels are split into several blocks, each block writes its
+  own partial and the partials are summed afterwards in a fixed order.
+
+Numba runs LLVM without its SLP vectoriser, and the loop vectoriser leaves a
+floating-point reduction scalar unless fastmath allows reordering it. The backward
+therefore spells its vectors out: ``_Vec`` is an LLVM ``<8 x float>`` (or double)
+value, and a few intrinsics (``_vload``, ``_vstore``, ``_vmuladd``, ``_vsum4``) emit
+plain vector loads, stores, multiplies, adds and shuffles, in the order written. The
+backward reads the offsets and the mask, and writes their gradients, group-major
+((G, N·L, ·) copies), so that a task's values are contiguous rather than a slice of
+every row shared with the other groups' tasks.
 
 The split depends on shapes only (never on the thread count) and every sum runs in a
 fixed order, so results are bitwise reproducible whatever the number of threads.
 
 Safety: a position is tested with comparisons that are False for NaN (``y >= -1 and
-y < H and ...``) before it is floored and converted to an integer, so NaN, infinite
-and huge offsets never form an index: they read 0 and get zero gradients. Corner
-indices are clamped into the map (a corner outside gets weight 0), so every read and
-write is in bounds; indices are 64-bit.
+y < H and ...``, in the compute dtype, where H is exact) before it is floored and
+converted to an integer, so NaN, infinite and huge offsets never form an index: they
+read 0 and get zero gradients. Corner indices are clamped into the map (a corner outside
+gets weight 0), so every read and write is in bounds (a vector covers 8 channels of the
+task's block); indices are 64-bit.
 
 float16/bfloat16 are computed in float32; float64 in float64.
 """
@@ -268,10 +279,11 @@ def _backward(
     scale,
     block,
 ):  # pragma: no cover
-    # gout: (N·L, C); gx: (N·H·W, C), written whole; g_off: (B, N·L, G·P·2) and
-    # g_mask: (B, N·L, G·P) partials, one per channel block of ``block`` channels.
-    # Task (image, group, block) owns gx[image's pixels, block's channels] and
-    # g_off[block, image's rows, group's points].
+    # Group-major off: (G, N·L, P·2) and mask: (G, N·L, P), so that a task reads its
+    # group's values contiguously; gout: (N·L, C); gx: (N·H·W, C), written whole;
+    # g_off: (B, G, N·L, P·2) and g_mask: (B, G, N·L, P) partials, one per channel
+    # block of ``block`` channels. Task (image, group, block) owns gx[image's pixels,
+    # block's channels] and g_off[block, group, image's rows].
     n_p = kx.shape[0]
     c_g = x.shape[1] // group
     length = h_out * w_out
@@ -307,15 +319,14 @@ def _backward(
             by = x.dtype.type(ho * s_h + b_h)
             bx = x.dtype.type(wo * s_w + b_w)
             for p in range(n_p):
-                j = g * n_p + p
-                xx = bx + (kx[p] + off[r, 2 * j]) * scale
-                yy = by + (ky[p] + off[r, 2 * j + 1]) * scale
+                xx = bx + (kx[p] + off[g, r, 2 * p]) * scale
+                yy = by + (ky[p] + off[g, r, 2 * p + 1]) * scale
                 if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
-                    g_off[blk, r, 2 * j] = zero
-                    g_off[blk, r, 2 * j + 1] = zero
-                    g_mask[blk, r, j] = zero
+                    g_off[blk, g, r, 2 * p] = zero
+                    g_off[blk, g, r, 2 * p + 1] = zero
+                    g_mask[blk, g, r, p] = zero
                     continue
-                m = mask[r, j]
+                m = mask[g, r, p]
                 i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
                 hy = one - ly
                 hx = one - lx
@@ -363,10 +374,10 @@ def _backward(
                 d01 *= v01
                 d10 *= v10
                 d11 *= v11
-                g_mask[blk, r, j] = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+                g_mask[blk, g, r, p] = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
                 ms = m * scale
-                g_off[blk, r, 2 * j] = (hy * (d01 - d00) + ly * (d11 - d10)) * ms
-                g_off[blk, r, 2 * j + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
+                g_off[blk, g, r, 2 * p] = (hy * (d01 - d00) + ly * (d11 - d10)) * ms
+                g_off[blk, g, r, 2 * p + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -477,18 +488,23 @@ def backward(
     block = _channel_block(p.n, group, c_g)
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
+    n_p = len(p.kx)
+    off = p.off.reshape(p.rows, group, 2 * n_p).transpose(0, 1).contiguous()
+    mask_g = p.mask.reshape(p.rows, group, n_p).transpose(0, 1).contiguous()
     gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
-    g_off = p.x.new_empty(n_blocks, *p.off.shape)
-    g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
+    g_off = p.x.new_empty(n_blocks, *off.shape)
+    g_mask = p.x.new_empty(n_blocks, *mask_g.shape)
     if p.rows > 0:
         _numba_threads.launch(
-            _backward, *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
-            *p.geometry(), block,
+            _backward, p.x.numpy(), off.numpy(), mask_g.numpy(), gout.numpy(), gx.numpy(),
+            g_off.numpy(), g_mask.numpy(), *p.geometry(), block,
         )  # fmt: skip
     grad_off, grad_m = g_off[0], g_mask[0]
     for i in range(1, n_blocks):  # a fixed order: reproducible
         grad_off = grad_off + g_off[i]
         grad_m = grad_m + g_mask[i]
+    grad_off = grad_off.transpose(0, 1)  # back to (N·L, G, P·2)
+    grad_m = grad_m.transpose(0, 1)
     return (
         gx.reshape(input.shape).to(input.dtype),
         grad_off.reshape(offset.shape).to(offset.dtype),

@@ -77,6 +77,9 @@ CASES = {
     "remove_center_5x3": Case(remove_center=True, kernel=(5, 3), padding=(2, 1)),
     "odd_batch_1": Case(batch=1, size=(4, 9), group=4, group_channels=1),
     "many_channels": Case(batch=1, size=(4, 4), group=1, group_channels=40),
+    # Blocks of 10 channels starting at 0, 10, 20, 30: vectors of 8 at unaligned
+    # columns, then a remainder of 2.
+    "group_channels_20": Case(group=2, group_channels=20),
 }
 # Tolerance per dtype: a few roundings of the compute dtype.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

@@ -2,30 +2,41 @@
 
 The core has no weights, so there is no GEMM: every output value is a gather-accumulate
 ``out[r, g·C_g + c] = Σ_p m_p · Σ_q w_q · x[corner_q, g·C_g + c]``. In channels-last
-layout the C_g channels of a corner are contiguous, so the inner loop is a vectorised
-axpy over them; the corners, their weights and the mask are found once per (pixel,
-group, point) and shared by the group's channels.
+layout the C_g channels of a corner are contiguous, so the inner loops run over them in
+vectors; the corners, their weights and the mask are found once per (pixel, group,
+point) and shared by the group's channels.
 
 Forward (parallel over output pixels): each pixel writes its own row of the output.
 
-Backward (parallel over tasks (image, group, block of channels)): a task walks the
-image's output pixels in order and
+Backward (parallel over tasks (image, group, block of channels)): a task zeroes its part
+of ``grad_input``, then walks the image's output pixels in order and, per point, makes
+one pass over its channels, eight at a time, that
 
 - adds ``m·w_q·grad_out`` to ``grad_input`` at the four corners, restricted to its own
   channels of its own image: no two tasks write the same element (no atomics);
-- computes ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` over its channels, from which
-  the mask and offset gradients follow; when a group's channels are split into several
-  blocks, each block writes its own partial and the partials are summed afterwards in
-  a fixed order.
+- accumulates ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` in eight lanes per corner,
+  summed at the end in a fixed tree; the mask and offset gradients follow from the
+  d_q. When a group's channels are split into several blocks, each block writes its
+  own partial and the partials are summed afterwards in a fixed order.
+
+Numba runs LLVM without its SLP vectoriser, and the loop vectoriser leaves a
+floating-point reduction scalar unless fastmath allows reordering it. The backward
+therefore spells its vectors out: ``_Vec`` is an LLVM ``<8 x float>`` (or double)
+value, and a few intrinsics (``_vload``, ``_vstore``, ``_vmuladd``, ``_vsum4``) emit
+plain vector loads, stores, multiplies, adds and shuffles, in the order written. The
+backward reads the offsets and the mask, and writes their gradients, group-major
+((G, N·L, ·) copies), so that a task's values are contiguous rather than a slice of
+every row shared with the other groups' tasks.
 
 The split depends on shapes only (never on the thread count) and every sum runs in a
 fixed order, so results are bitwise reproducible whatever the number of threads.
 
 Safety: a position is tested with comparisons that are False for NaN (``y >= -1 and
-y < H and ...``) before it is floored and converted to an integer, so NaN, infinite
-and huge offsets never form an index: they read 0 and get zero gradients. Corner
-indices are clamped into the map (a corner outside gets weight 0), so every read and
-write is in bounds; indices are 64-bit.
+y < H and ...``, in the compute dtype, where H is exact) before it is floored and
+converted to an integer, so NaN, infinite and huge offsets never form an index: they
+read 0 and get zero gradients. Corner indices are clamped into the map (a corner outside
+gets weight 0), so every read and write is in bounds (a vector covers 8 channels of the
+task's block); indices are 64-bit.
 
 float16/bfloat16 are computed in float32; float64 in float64.
 """
@@ -38,6 +49,9 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
@@ -68,17 +82,19 @@ def _corners(y, x, height, width, one):  # pragma: no cover
     lx = x - x0
     iy0 = np.int64(y0)  # in [-1, H - 1]: y was range-checked, so the conversion is exact
     ix0 = np.int64(x0)
-    zero = one - one
-    vy0 = one if iy0 >= 0 else zero
-    vy1 = one if iy0 + 1 < height else zero
-    vx0 = one if ix0 >= 0 else zero
-    vx1 = one if ix0 + 1 < width else zero
+    # Validity by arithmetic on the exact integers y0 in [-1, H - 1] (min, not a
+    # branch): row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1.
+    vy0 = min(y0 + one, one)
+    vy1 = min((height - one) - y0, one)
+    vx0 = min(x0 + one, one)
+    vx1 = min((width - one) - x0, one)
     ry0 = max(iy0, 0)
-    ry1 = min(iy0 + 1, height - 1)
+    ry1 = min(iy0 + 1, np.int64(height) - 1)
     rx0 = max(ix0, 0)
-    rx1 = min(ix0 + 1, width - 1)
+    rx1 = min(ix0 + 1, np.int64(width) - 1)
+    w = np.int64(width)
     return (
-        ry0 * width + rx0, ry0 * width + rx1, ry1 * width + rx0, ry1 * width + rx1,
+        ry0 * w + rx0, ry0 * w + rx1, ry1 * w + rx0, ry1 * w + rx1,
         ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1,
     )  # fmt: skip
 
@@ -95,6 +111,8 @@ def _forward(
     length = h_out * w_out
     one = x.dtype.type(1)
     zero = one - one
+    fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
+    fw = x.dtype.type(width)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
     for r in numba.prange(out.shape[0]):
         b = r // length
@@ -112,12 +130,10 @@ def _forward(
                 j = g * n_p + p
                 xx = bx + (kx[p] + off[r, 2 * j]) * scale
                 yy = by + (ky[p] + off[r, 2 * j + 1]) * scale
-                if not (yy >= -1 and yy < height and xx >= -1 and xx < width):  # NaN: False
+                if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
                     continue
                 m = mask[r, j]
-                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(
-                    yy, xx, height, width, one
-                )
+                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
                 hy = one - ly
                 hx = one - lx
                 w00 = hy * hx * v00 * m
@@ -136,56 +152,111 @@ def _forward(
                     )  # fmt: skip
 
 
-@numba.njit(inline="always")
-def _dot4(a, ra, b, r0, r1, r2, r3, c0, cnt):  # pragma: no cover
-    """Four dot products sum_k a[ra, c0 + k] · b[r_q, c0 + k] (k < cnt) in one pass.
+#: Lanes of the explicit vectors below (one AVX register of float32).
+_LANES = 8
 
-    Four interleaved partial sums per product (so LLVM vectorises without fastmath),
-    combined in a fixed tree: a fixed summation order, hence reproducible results.
+
+class _Vec(types.Type):
+    """Eight lanes of ``dtype`` held in one LLVM vector value (``<8 x float>``)."""
+
+    def __init__(self, dtype: types.Type) -> None:
+        self.dtype = dtype
+        super().__init__(name=f"_Vec{_LANES}[{dtype}]")
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: _Vec) -> None:
+        lane = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(lane, _LANES))
+
+
+def _lanes_pointer(context: Any, builder: Any, aty: Any, a: Any, r: Any, c: Any) -> Any:
+    arr = context.make_array(aty)(context, builder, a)
+    shape = cgutils.unpack_tuple(builder, arr.shape, aty.ndim)
+    strides = cgutils.unpack_tuple(builder, arr.strides, aty.ndim)
+    return cgutils.get_item_pointer2(context, builder, arr.data, shape, strides, aty.layout, [r, c])
+
+
+@intrinsic
+def _vload(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+    """``a[r, c : c + 8]`` as a vector (the caller keeps ``c + 8`` within the row)."""
+    sig = _Vec(a.dtype)(a, r, c)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = context.get_value_type(sig.return_type)
+        ptr = _lanes_pointer(context, builder, sig.args[0], *args)
+        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
+
+    return sig, codegen
+
+
+@intrinsic
+def _vstore(typingctx: Any, a: Any, r: Any, c: Any, v: Any) -> Any:
+    """``a[r, c : c + 8] = v``."""
+    sig = types.none(a, r, c, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _lanes_pointer(context, builder, sig.args[0], *args[:3])
+        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+        builder.store(args[3], builder.bitcast(ptr, args[3].type.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _vsplat(typingctx: Any, s: Any) -> Any:
+    """A vector with ``s`` in every lane."""
+    sig = _Vec(s)(s)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = context.get_value_type(sig.return_type)
+        i32 = ir.IntType(32)
+        v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], i32(0))
+        zeros = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+    return sig, codegen
+
+
+@intrinsic
+def _vmuladd(typingctx: Any, acc: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``acc + u·v``: a multiply, then an add (no contraction, as in scalars)."""
+    sig = acc(acc, u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
+
+    return sig, codegen
+
+
+@intrinsic
+def _vsum4(typingctx: Any, v0: Any, v1: Any, v2: Any, v3: Any) -> Any:
+    """The lane sums of four vectors, by lane shuffles.
+
+    Each sum runs in the same fixed tree ``((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))``.
     """
-    zero = a.dtype.type(0)
-    p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = zero
-    s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = zero
-    four = np.uint64(4)
-    full = cnt // four * four
-    o1 = np.uint64(1)
-    o2 = np.uint64(2)
-    o3 = np.uint64(3)
-    for j in range(np.uint64(0), full, four):
-        k = c0 + j
-        g0 = a[ra, k]
-        g1 = a[ra, k + o1]
-        g2 = a[ra, k + o2]
-        g3 = a[ra, k + o3]
-        p0 += g0 * b[r0, k]
-        p1 += g1 * b[r0, k + o1]
-        p2 += g2 * b[r0, k + o2]
-        p3 += g3 * b[r0, k + o3]
-        q0 += g0 * b[r1, k]
-        q1 += g1 * b[r1, k + o1]
-        q2 += g2 * b[r1, k + o2]
-        q3 += g3 * b[r1, k + o3]
-        s0 += g0 * b[r2, k]
-        s1 += g1 * b[r2, k + o1]
-        s2 += g2 * b[r2, k + o2]
-        s3 += g3 * b[r2, k + o3]
-        t0 += g0 * b[r3, k]
-        t1 += g1 * b[r3, k + o1]
-        t2 += g2 * b[r3, k + o2]
-        t3 += g3 * b[r3, k + o3]
-    for j in range(full, cnt):
-        k = c0 + j
-        g0 = a[ra, k]
-        p0 += g0 * b[r0, k]
-        q0 += g0 * b[r1, k]
-        s0 += g0 * b[r2, k]
-        t0 += g0 * b[r3, k]
-    return (
-        (p0 + p2) + (p1 + p3),
-        (q0 + q2) + (q1 + q3),
-        (s0 + s2) + (s1 + s3),
-        (t0 + t2) + (t1 + t3),
-    )
+    sig = types.UniTuple(v0.dtype, 4)(v0, v1, v2, v3)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+
+        def pick(a: Any, b: Any, lanes: list[int]) -> Any:
+            mask = ir.Constant(ir.VectorType(i32, len(lanes)), lanes)
+            return builder.shuffle_vector(a, b, mask)
+
+        # halves: h[i] = l[i] + l[i + 4]
+        h = [builder.fadd(pick(v, v, [0, 1, 2, 3]), pick(v, v, [4, 5, 6, 7])) for v in args]
+        # pairs: (h0[0] + h0[2], h0[1] + h0[3], h1[0] + h1[2], h1[1] + h1[3])
+        t01 = builder.fadd(pick(h[0], h[1], [0, 1, 4, 5]), pick(h[0], h[1], [2, 3, 6, 7]))
+        t23 = builder.fadd(pick(h[2], h[3], [0, 1, 4, 5]), pick(h[2], h[3], [2, 3, 6, 7]))
+        s = builder.fadd(pick(t01, t23, [0, 2, 4, 6]), pick(t01, t23, [1, 3, 5, 7]))
+        items = [builder.extract_element(s, i32(i)) for i in range(4)]
+        return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
 
 
 @_jit
@@ -208,10 +279,11 @@ def _backward(
     scale,
     block,
 ):  # pragma: no cover
-    # gout: (N·L, C); gx: (N·H·W, C), zero on entry; g_off: (B, N·L, G·P·2) and
-    # g_mask: (B, N·L, G·P) partials, one per channel block of ``block`` channels.
-    # Task (image, group, block) owns gx[image's pixels, block's channels] and
-    # g_off[block, image's rows, group's points].
+    # Group-major off: (G, N·L, P·2) and mask: (G, N·L, P), so that a task reads its
+    # group's values contiguously; gout: (N·L, C); gx: (N·H·W, C), written whole;
+    # g_off: (B, G, N·L, P·2) and g_mask: (B, G, N·L, P) partials, one per channel
+    # block of ``block`` channels. Task (image, group, block) owns gx[image's pixels,
+    # block's channels] and g_off[block, group, image's rows].
     n_p = kx.shape[0]
     c_g = x.shape[1] // group
     length = h_out * w_out
@@ -219,6 +291,9 @@ def _backward(
     n_blocks = g_off.shape[0]
     one = x.dtype.type(1)
     zero = one - one
+    fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
+    fw = x.dtype.type(width)
+    vzero = _vsplat(zero)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
     for t in numba.prange(n_img * group * n_blocks):
         b = t // (group * n_blocks)
@@ -227,7 +302,15 @@ def _backward(
         c_lo = g * c_g + blk * block
         cnt = np.uint64(min(block, (g + 1) * c_g - c_lo))
         cu = np.uint64(c_lo)
+        lanes = np.uint64(_LANES)
+        full = cnt // lanes * lanes
         pix = b * height * width
+        for i in range(pix, pix + height * width):  # this task's part of gx, zeroed
+            iu = np.uint64(i)
+            for k in range(np.uint64(0), full, lanes):
+                _vstore(gx, iu, cu + k, vzero)
+            for k in range(full, cnt):
+                gx[iu, cu + k] = zero
         for l_ in range(length):
             r = b * length + l_
             ru = np.uint64(r)
@@ -236,18 +319,15 @@ def _backward(
             by = x.dtype.type(ho * s_h + b_h)
             bx = x.dtype.type(wo * s_w + b_w)
             for p in range(n_p):
-                j = g * n_p + p
-                xx = bx + (kx[p] + off[r, 2 * j]) * scale
-                yy = by + (ky[p] + off[r, 2 * j + 1]) * scale
-                if not (yy >= -1 and yy < height and xx >= -1 and xx < width):  # NaN: False
-                    g_off[blk, r, 2 * j] = zero
-                    g_off[blk, r, 2 * j + 1] = zero
-                    g_mask[blk, r, j] = zero
+                xx = bx + (kx[p] + off[g, r, 2 * p]) * scale
+                yy = by + (ky[p] + off[g, r, 2 * p + 1]) * scale
+                if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
+                    g_off[blk, g, r, 2 * p] = zero
+                    g_off[blk, g, r, 2 * p + 1] = zero
+                    g_mask[blk, g, r, p] = zero
                     continue
-                m = mask[r, j]
-                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(
-                    yy, xx, height, width, one
-                )
+                m = mask[g, r, p]
+                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
                 hy = one - ly
                 hx = one - lx
                 w00 = hy * hx * v00 * m
@@ -258,21 +338,46 @@ def _backward(
                 a01 = np.uint64(pix + i01)
                 a10 = np.uint64(pix + i10)
                 a11 = np.uint64(pix + i11)
-                d00, d01, d10, d11 = _dot4(gout, ru, x, a00, a01, a10, a11, cu, cnt)
-                for k in range(cnt):  # vectorised: no reduction in this loop
-                    go = gout[ru, cu + k]
-                    gx[a00, cu + k] += w00 * go
-                    gx[a01, cu + k] += w01 * go
-                    gx[a10, cu + k] += w10 * go
-                    gx[a11, cu + k] += w11 * go
+                # One pass over the block's channels, eight at a time: the four dot
+                # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums
+                # (reduced in a fixed tree), and the scatter into gx. Each corner's
+                # read-modify-write completes before the next: corners may share a row.
+                s00 = s01 = s10 = s11 = vzero
+                u00 = _vsplat(w00)
+                u01 = _vsplat(w01)
+                u10 = _vsplat(w10)
+                u11 = _vsplat(w11)
+                for k in range(np.uint64(0), full, lanes):
+                    c = cu + k
+                    go = _vload(gout, ru, c)
+                    s00 = _vmuladd(s00, go, _vload(x, a00, c))
+                    s01 = _vmuladd(s01, go, _vload(x, a01, c))
+                    s10 = _vmuladd(s10, go, _vload(x, a10, c))
+                    s11 = _vmuladd(s11, go, _vload(x, a11, c))
+                    _vstore(gx, a00, c, _vmuladd(_vload(gx, a00, c), u00, go))
+                    _vstore(gx, a01, c, _vmuladd(_vload(gx, a01, c), u01, go))
+                    _vstore(gx, a10, c, _vmuladd(_vload(gx, a10, c), u10, go))
+                    _vstore(gx, a11, c, _vmuladd(_vload(gx, a11, c), u11, go))
+                d00, d01, d10, d11 = _vsum4(s00, s01, s10, s11)
+                for k in range(full, cnt):  # the last cnt % 8 channels, in order
+                    c = cu + k
+                    go = gout[ru, c]
+                    d00 += go * x[a00, c]
+                    d01 += go * x[a01, c]
+                    d10 += go * x[a10, c]
+                    d11 += go * x[a11, c]
+                    gx[a00, c] += w00 * go
+                    gx[a01, c] += w01 * go
+                    gx[a10, c] += w10 * go
+                    gx[a11, c] += w11 * go
                 d00 *= v00
                 d01 *= v01
                 d10 *= v10
                 d11 *= v11
-                g_mask[blk, r, j] = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+                g_mask[blk, g, r, p] = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
                 ms = m * scale
-                g_off[blk, r, 2 * j] = (hy * (d01 - d00) + ly * (d11 - d10)) * ms
-                g_off[blk, r, 2 * j + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
+                g_off[blk, g, r, 2 * p] = (hy * (d01 - d00) + ly * (d11 - d10)) * ms
+                g_off[blk, g, r, 2 * p + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -383,18 +488,23 @@ def backward(
     block = _channel_block(p.n, group, c_g)
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
-    gx = torch.zeros_like(p.x)
-    g_off = p.x.new_empty(n_blocks, *p.off.shape)
-    g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
+    n_p = len(p.kx)
+    off = p.off.reshape(p.rows, group, 2 * n_p).transpose(0, 1).contiguous()
+    mask_g = p.mask.reshape(p.rows, group, n_p).transpose(0, 1).contiguous()
+    gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
+    g_off = p.x.new_empty(n_blocks, *off.shape)
+    g_mask = p.x.new_empty(n_blocks, *mask_g.shape)
     if p.rows > 0:
         _numba_threads.launch(
-            _backward, *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
-            *p.geometry(), block,
+            _backward, p.x.numpy(), off.numpy(), mask_g.numpy(), gout.numpy(), gx.numpy(),
+            g_off.numpy(), g_mask.numpy(), *p.geometry(), block,
         )  # fmt: skip
     grad_off, grad_m = g_off[0], g_mask[0]
     for i in range(1, n_blocks):  # a fixed order: reproducible
         grad_off = grad_off + g_off[i]
         grad_m = grad_m + g_mask[i]
+    grad_off = grad_off.transpose(0, 1)  # back to (N·L, G, P·2)
+    grad_m = grad_m.transpose(0, 1)
     return (
         gx.reshape(input.shape).to(input.dtype),
         grad_off.reshape(offset.shape).to(offset.dtype),

@@ -6,9 +6,10 @@ one) those GEMMs are tiny, and the time goes into writing and re-reading the col
 buffer. Here each output pixel instead reads its bilinear samples and multiplies them by
 its group's few weights right away.
 
-Layout: the input, the output and their gradients are channels-last, pixels flattened,
+Layout: the input, ``grad_output`` and the gradients are channels-last, pixels flattened,
 (N·H·W, C) and (N·H_out·W_out, C_out), so every loop over channels is contiguous and
-vectorises.
+vectorises; so is the depthwise output. The other forward writes its output
+channels-first directly (see below).
 
 Forward, parallel over blocks of output pixels (rows):
 
@@ -19,7 +20,10 @@ Forward, parallel over blocks of output pixels (rows):
   small buffer, and ``P[j, c] += w[k, j, c] · sample[c]`` accumulates every output
   channel ``j`` of each channel's group in loops over all channels (contiguous,
   vectorised); output channel ``j`` of group ``g`` is then the sum of ``P[j, c]`` over
-  ``g``'s channels.
+  ``g``'s channels, stored straight into the channels-first output: a task's rows are
+  consecutive pixels, so it fills whole cache lines of each output channel, and the
+  transpose pass of the channels-last rows is saved (forward 5-17 % faster on ResNeXt's
+  res3 / res4 layers, batch 8, measured in one process against the transpose).
 
 Backward, parallel over tasks (slot of images, offset group, block of channels). A task
 visits every output pixel of its images and every kernel point; for each channel ``c`` of
@@ -37,7 +41,7 @@ The partials (one per channel block for offset and mask, one per slot for the we
 summed afterwards in a fixed order. No two tasks write the same memory and the task split
 depends only on the shapes, never on the thread count: results are bitwise reproducible.
 
-The outputs (``output``, ``grad_input``) go back to channels-first through a blocked Numba
+The depthwise output and ``grad_input`` go back to channels-first through a blocked Numba
 transpose, about twice as fast as torch's strided copy of that permutation.
 
 Memory: besides the channels-last copies of the input, ``grad_output`` and the gradients,
@@ -156,14 +160,16 @@ def _forward_grouped(
     x, height, width, off, mask, has_mask, base_y, base_x, w_t, c_pg, bias, out
 ):  # pragma: no cover
     # w_t: (K, cog, C_in), w_t[k, j, c] = weight[(c // C_pg)·cog + j, c % C_pg, k].
-    # out: (N·L, C_out). Per row: P[j, c] = Σ_k w_t[k, j, c] · sample_k[c] (loops over all
-    # channels: contiguous, vectorised), then out[wg·cog + j] = Σ_{c in group wg} P[j, c].
+    # out: (N, C_out, L), channels-first. Per row: P[j, c] = Σ_k w_t[k, j, c] · sample_k[c]
+    # (loops over all channels: contiguous, vectorised), then out[wg·cog + j] = Σ_{c in
+    # group wg} P[j, c], one scalar store per output channel either way; a task's rows are
+    # consecutive pixels, so it fills whole cache lines of each output channel.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     n_ch = x.shape[1]
     c_per = n_ch // n_off
     cog = w_t.shape[1]
     groups = n_ch // c_pg
-    total = out.shape[0]
+    total = out.shape[0] * length
     n_tasks = (total + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     one = x.dtype.type(1)
     zero = one - one
@@ -200,7 +206,7 @@ def _forward_grouped(
                     s = bias[wg * cog + j]
                     for i in range(c_pg):
                         s += acc[j, wg * c_pg + i]
-                    out[r, wg * cog + j] = s
+                    out[b, wg * cog + j, p_l] = s
 
 
 @_jit
@@ -439,27 +445,31 @@ def forward(
         float64 inputs, float32 otherwise).
     """
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
-    out_rows = torch.empty(p.n * p.length, p.c_out, dtype=p.dtype)
     b = torch.zeros(p.c_out, dtype=p.dtype) if bias is None else bias.detach().to(p.dtype)
-    if out_rows.numel() > 0:
-        if p.depthwise:
-            w_kc = p.weight.reshape(p.c_out, p.k).t().contiguous()
-            _numba_threads.launch(
-                _forward_depthwise,
-                *p.common(),
-                w_kc.numpy(),
-                b.contiguous().numpy(),
-                out_rows.numpy(),
-            )
-        else:
+    if not p.depthwise:  # writes channels-first itself
+        out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
+        if out.numel() > 0:
             _numba_threads.launch(
                 _forward_grouped,
                 *p.common(),
                 p.w_t().numpy(),
                 p.c_pg,
                 b.contiguous().numpy(),
-                out_rows.numpy(),
+                out.reshape(p.n, p.c_out, p.length).numpy(),
             )
+        return out.to(input.dtype)
+    # Depthwise accumulates each output element over the kernel points: channels-last rows
+    # (contiguous), then one transpose.
+    out_rows = torch.empty(p.n * p.length, p.c_out, dtype=p.dtype)
+    if out_rows.numel() > 0:
+        w_kc = p.weight.reshape(p.c_out, p.k).t().contiguous()
+        _numba_threads.launch(
+            _forward_depthwise,
+            *p.common(),
+            w_kc.numpy(),
+            b.contiguous().numpy(),
+            out_rows.numpy(),
+        )
     return _to_channels_first(out_rows, p.n, p.h_out, p.w_out).to(input.dtype)
 
 

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
+from deformconv.kernels._chunks import plan_chunks
 
 _numba_threads.configure()  # before the first parallel kernel runs
 
@@ -331,16 +332,10 @@ def _chunks(
 
     A chunk holds whole images when one image fits, otherwise a slice of one image.
     """
-    if n * length == 0:
-        return []
-    rows = max(1, (WORKSPACE_BYTES if cap is None else cap) // max(1, bytes_per_row))
-    if rows >= length:
-        step = (rows // length) * length
-        return [(r0, min(n * length, r0 + step)) for r0 in range(0, n * length, step)]
+    cap = WORKSPACE_BYTES if cap is None else cap
     return [
-        (b * length + l0, b * length + min(length, l0 + rows))
-        for b in range(n)
-        for l0 in range(0, length, rows)
+        (b0 * length + l0, (b1 - 1) * length + l1)
+        for b0, b1, l0, l1 in plan_chunks(n, length, bytes_per_row, cap)
     ]
 
 

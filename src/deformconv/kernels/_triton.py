@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from deformconv.kernels._chunks import Chunk, plan_chunks
+
 __all__ = [
     "DETERMINISTIC_BACKWARD",
     "NATIVE_DTYPES",
@@ -301,9 +303,6 @@ def _col2im_kernel(
         tl.store(part + 2 * gk_total * rows, acc_m, mask=r_ok)
 
 
-_Chunk = tuple[int, int, int, int]  # (b0, b1, l0, l1): images b0 .. b1, pixels l0 .. l1
-
-
 class _Geometry:
     """Sizes of one call, derived once from the tensors' shapes."""
 
@@ -333,26 +332,16 @@ class _Geometry:
         cap = 64 if self.interpreted else 16
         self.block_c = min(cap, triton.next_power_of_2(self.c_per_off))
 
-    def chunks(self, element_size: int, buffers: int) -> list[_Chunk]:
+    def chunks(self, element_size: int, buffers: int) -> list[Chunk]:
         """Chunks ``(b0, b1, l0, l1)``: images ``b0 .. b1``, pixels ``l0 .. l1`` of each.
 
         ``buffers`` column buffers of a chunk fit in WORKSPACE_BYTES: whole images when
         one image fits, otherwise ranges of the pixels of one image (at least one pixel).
         """
-        if self.n * self.length == 0:
-            return []
         per_pixel = buffers * self.c_in * self.k * element_size
-        pixels = max(1, WORKSPACE_BYTES // max(per_pixel, 1))
-        if pixels >= self.length:
-            step = pixels // self.length
-            return [(b0, min(self.n, b0 + step), 0, self.length) for b0 in range(0, self.n, step)]
-        return [
-            (b, b + 1, l0, min(self.length, l0 + pixels))
-            for b in range(self.n)
-            for l0 in range(0, self.length, pixels)
-        ]
+        return plan_chunks(self.n, self.length, per_pixel, WORKSPACE_BYTES)
 
-    def kernel_args(self, chunk: _Chunk) -> tuple[int, ...]:
+    def kernel_args(self, chunk: Chunk) -> tuple[int, ...]:
         b0, b1, l0, l1 = chunk
         return (
             b0, l0, l1 - l0, (b1 - b0) * (l1 - l0), self.c_in, self.c_per_off, self.h, self.w,
@@ -388,13 +377,13 @@ class _Geometry:
         return block_c, per_program, triton.cdiv(self.c_per_off, per_program)
 
 
-def _rows(chunk: _Chunk) -> int:
+def _rows(chunk: Chunk) -> int:
     b0, b1, l0, l1 = chunk
     return (b1 - b0) * (l1 - l0)
 
 
 def _im2col(
-    geo: _Geometry, input: Tensor, offset: Tensor, mask: Tensor | None, chunk: _Chunk
+    geo: _Geometry, input: Tensor, offset: Tensor, mask: Tensor | None, chunk: Chunk
 ) -> Tensor:
     """Modulated samples of the chunk's pixels: (groups, C_in/groups·K, B·(l1 - l0))."""
     rows = _rows(chunk)
@@ -421,7 +410,7 @@ def _col2im(
     offset: Tensor,
     mask: Tensor | None,
     grad_cols: Tensor,
-    chunk: _Chunk,
+    chunk: Chunk,
     grad_input: Tensor | None,
     grad_offset: Tensor | None,
     grad_mask: Tensor | None,

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deformconv.kernels._chunks import Chunk, plan_chunks
+
 __all__ = [
     "WORKSPACE_BYTES",
     "bilinear_corners",
@@ -35,8 +37,6 @@ __all__ = [
 
 #: Cap, in bytes, on the temporary buffers of one chunk (see the module docstring).
 WORKSPACE_BYTES = 64 * 2**20
-
-_Chunk = tuple[int, int, int, int]  # images b0 .. b1, output pixels l0 .. l1 of each
 
 
 def sampling_positions(
@@ -116,20 +116,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _chunks(n: int, c_in: int, k: int, n_off: int, length: int, element_size: int) -> list[_Chunk]:
+def _chunks(n: int, c_in: int, k: int, n_off: int, length: int, element_size: int) -> list[Chunk]:
     """Chunks ``(b0, b1, l0, l1)`` whose workspace stays under :data:`WORKSPACE_BYTES`."""
     # Per output pixel: the columns and three blend temporaries (C_in·K values each), and
     # for each of the G·K samples: positions, four corners' int64 indices and weights.
-    per_row = 4 * c_in * k * element_size + n_off * k * (4 * 8 + 12 * element_size)
-    rows = max(1, WORKSPACE_BYTES // per_row)
-    if n * length == 0:
-        return [(0, n, 0, length)]
-    if rows >= length:
-        step = rows // length
-        return [(b0, min(n, b0 + step), 0, length) for b0 in range(0, n, step)]
-    return [
-        (b, b + 1, l0, min(length, l0 + rows)) for b in range(n) for l0 in range(0, length, rows)
-    ]
+    per_pixel = 4 * c_in * k * element_size + n_off * k * (4 * 8 + 12 * element_size)
+    return plan_chunks(n, length, per_pixel, WORKSPACE_BYTES) or [(0, n, 0, length)]
 
 
 def _positions(
@@ -354,7 +346,7 @@ def deform_conv2d(
 
 
 def _forward_chunks(
-    chunks: list[_Chunk],
+    chunks: list[Chunk],
     input: Tensor,
     offset: Tensor,
     mask: Tensor | None,
@@ -414,7 +406,7 @@ class _Chunked(torch.autograd.Function):
         return (*grads, None)
 
 
-def _chunks_of(tensors: Sequence[Tensor | None]) -> list[_Chunk]:
+def _chunks_of(tensors: Sequence[Tensor | None]) -> list[Chunk]:
     input, offset, weight = tensors[0], tensors[1], tensors[3]
     assert input is not None and offset is not None and weight is not None
     k = weight.shape[2] * weight.shape[3]
@@ -424,7 +416,7 @@ def _chunks_of(tensors: Sequence[Tensor | None]) -> list[_Chunk]:
 
 
 def _chunk_grads(
-    chunk: _Chunk,
+    chunk: Chunk,
     grad_out: Tensor,
     tensors: Sequence[Tensor | None],
     stride: tuple[int, int],
@@ -442,7 +434,7 @@ def _chunk_grads(
     )
 
 
-def _accumulate(total: Tensor, part: Tensor, i: int, chunk: _Chunk) -> None:
+def _accumulate(total: Tensor, part: Tensor, i: int, chunk: Chunk) -> None:
     if i < 3:  # per image: the chunk's images
         total[chunk[0] : chunk[1]] += part
     else:

@@ -13,6 +13,18 @@ from torch import nn
 __all__ = ["mask_head", "offset_head", "reset_heads"]
 
 
+def _mlp(
+    sizes: list[int], device: torch.device | str | None, dtype: torch.dtype | None
+) -> nn.Sequential:
+    """Linear layers of the given sizes with a ReLU between each two."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        if i:
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Linear(n_in, n_out, device=device, dtype=dtype))
+    return nn.Sequential(*layers)
+
+
 def offset_head(
     in_features: int,
     hidden: int,
@@ -21,13 +33,7 @@ def offset_head(
     dtype: torch.dtype | None = None,
 ) -> nn.Sequential:
     """Linear → ReLU → Linear → ReLU → Linear: a pooled RoI to its ``2 · bins`` offsets."""
-    return nn.Sequential(
-        nn.Linear(in_features, hidden, device=device, dtype=dtype),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, hidden, device=device, dtype=dtype),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, 2 * bins, device=device, dtype=dtype),
-    )
+    return _mlp([in_features, hidden, hidden, 2 * bins], device, dtype)
 
 
 def mask_head(
@@ -38,11 +44,7 @@ def mask_head(
     dtype: torch.dtype | None = None,
 ) -> nn.Sequential:
     """Linear → ReLU → Linear: a pooled RoI to its ``bins`` mask logits."""
-    return nn.Sequential(
-        nn.Linear(in_features, hidden, device=device, dtype=dtype),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, bins, device=device, dtype=dtype),
-    )
+    return _mlp([in_features, hidden, bins], device, dtype)
 
 
 def reset_heads(*heads: nn.Sequential | None) -> None:

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cases import Config, call_kwargs, make_problem  # noqa: E402
+from _triton_interpret import NEEDS_GRAD, needs_grad_key  # noqa: E402
 
 CASES: dict[str, tuple[Config, torch.dtype]] = {
     "depthwise": (Config(batch=2, in_channels=4, out_channels=4, groups=4, size=(5, 4)), torch.float64),
@@ -27,19 +28,9 @@ CASES: dict[str, tuple[Config, torch.dtype]] = {
 }  # fmt: skip
 
 
-# The backward of NEEDS_GRAD_CASE with only some gradients asked for.
+# The backward of NEEDS_GRAD_CASE with only some gradients asked for (the same patterns
+# as the column Triton kernels' test).
 NEEDS_GRAD_CASE = "groups_2_offset_groups_4"
-NEEDS_GRAD = [
-    (True, False, False, False, False),
-    (False, True, False, False, False),
-    (False, False, True, False, False),
-    (False, False, False, True, True),
-    (False, False, False, False, False),
-]
-
-
-def needs_grad_key(needs_grad: tuple[bool, ...]) -> str:
-    return "".join("TF"[not n] for n in needs_grad)
 
 
 def make_case(name: str) -> dict[str, object]:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _triton_direct_interpret import CASES, NEEDS_GRAD, NEEDS_GRAD_CASE, needs_grad_key
+from _triton_direct_interpret import CASES, NEEDS_GRAD_CASE
+from _triton_interpret import NEEDS_GRAD, needs_grad_key
 from deformconv.kernels import reference
 
 pytest.importorskip("triton")

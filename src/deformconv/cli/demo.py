@@ -208,7 +208,6 @@ def resolve_task_defaults(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo (also under ``torchrun --nproc_per_node=N``: DDP, gloo on CPU)."""
     import importlib
-    import os
 
     resolve_task_defaults(args)
     if args.task == "segment":
@@ -227,28 +226,7 @@ def run(args: argparse.Namespace) -> int:
             ) from err
         return int(detect.run(args))
 
-    import torch
-
-    from deformconv.cli import write_resolved_args
     from deformconv.demos.classify import run_demo
-    from deformconv.demos.train import init_distributed
+    from deformconv.demos.train import run_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ddp = init_distributed(args.device)
-    if args.device.startswith("cuda") and ddp.world_size > 1:
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if ddp.main:
-        import deformconv
-
-        write_resolved_args(args, args.out)
-        print(
-            f"deformconv {deformconv.__version__}: backend on {args.device}: "
-            f"{deformconv.available_backends(torch.device(args.device).type)[0]}; "
-            f"{ddp.world_size} process(es), {torch.get_num_threads()} thread(s) each"
-        )
-    try:
-        return run_demo(args, ddp)
-    finally:
-        if ddp.world_size > 1:
-            torch.distributed.destroy_process_group()
+    return run_task(args, "classification on scaled digits", run_demo)

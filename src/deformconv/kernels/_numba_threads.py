@@ -145,6 +145,7 @@ def _serial(kernel: Any) -> Any:
     return serial
 
 
+@functools.cache
 def _omp_is_gnu() -> bool:
     return str(getattr(_openmp(), "openmp_vendor", "GNU")) == "GNU"
 

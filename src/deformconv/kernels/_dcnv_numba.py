@@ -21,8 +21,8 @@ one pass over its channels, eight at a time, that
 
 Numba runs LLVM without its SLP vectoriser, and the loop vectoriser leaves a
 floating-point reduction scalar unless fastmath allows reordering it. The backward
-therefore spells its vectors out: ``_Vec`` is an LLVM ``<8 x float>`` (or double)
-value, and a few intrinsics (``_vload``, ``_vstore``, ``_vmuladd``, ``_vsum4``) emit
+therefore spells its vectors out with the intrinsics of :mod:`deformconv.kernels._simd` (an
+LLVM ``<8 x float>`` value; ``vload``, ``vstore``, ``vmuladd``, ``vsum4``), which emit
 plain vector loads, stores, multiplies, adds and shuffles, in the order written. The
 backward reads the offsets and the mask, and writes their gradients, group-major
 ((G, N·L, ·) copies), so that a task's values are contiguous rather than a slice of
@@ -49,12 +49,10 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic, models, register_model
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
+from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum4
 from deformconv.kernels.dcnv_reference import kernel_points
 
 __all__ = ["backward", "forward"]
@@ -152,113 +150,6 @@ def _forward(
                     )  # fmt: skip
 
 
-#: Lanes of the explicit vectors below (one AVX register of float32).
-_LANES = 8
-
-
-class _Vec(types.Type):
-    """Eight lanes of ``dtype`` held in one LLVM vector value (``<8 x float>``)."""
-
-    def __init__(self, dtype: types.Type) -> None:
-        self.dtype = dtype
-        super().__init__(name=f"_Vec{_LANES}[{dtype}]")
-
-
-@register_model(_Vec)
-class _VecModel(models.PrimitiveModel):
-    def __init__(self, dmm: Any, fe_type: _Vec) -> None:
-        lane = dmm.lookup(fe_type.dtype).get_value_type()
-        super().__init__(dmm, fe_type, ir.VectorType(lane, _LANES))
-
-
-def _lanes_pointer(context: Any, builder: Any, aty: Any, a: Any, r: Any, c: Any) -> Any:
-    arr = context.make_array(aty)(context, builder, a)
-    shape = cgutils.unpack_tuple(builder, arr.shape, aty.ndim)
-    strides = cgutils.unpack_tuple(builder, arr.strides, aty.ndim)
-    return cgutils.get_item_pointer2(context, builder, arr.data, shape, strides, aty.layout, [r, c])
-
-
-@intrinsic
-def _vload(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
-    """``a[r, c : c + 8]`` as a vector (the caller keeps ``c + 8`` within the row)."""
-    sig = _Vec(a.dtype)(a, r, c)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        vty = context.get_value_type(sig.return_type)
-        ptr = _lanes_pointer(context, builder, sig.args[0], *args)
-        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
-        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
-
-    return sig, codegen
-
-
-@intrinsic
-def _vstore(typingctx: Any, a: Any, r: Any, c: Any, v: Any) -> Any:
-    """``a[r, c : c + 8] = v``."""
-    sig = types.none(a, r, c, v)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        ptr = _lanes_pointer(context, builder, sig.args[0], *args[:3])
-        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
-        builder.store(args[3], builder.bitcast(ptr, args[3].type.as_pointer()), align=align)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _vsplat(typingctx: Any, s: Any) -> Any:
-    """A vector with ``s`` in every lane."""
-    sig = _Vec(s)(s)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        vty = context.get_value_type(sig.return_type)
-        i32 = ir.IntType(32)
-        v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], i32(0))
-        zeros = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
-        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
-
-    return sig, codegen
-
-
-@intrinsic
-def _vmuladd(typingctx: Any, acc: Any, u: Any, v: Any) -> Any:
-    """Lane-wise ``acc + u·v``: a multiply, then an add (no contraction, as in scalars)."""
-    sig = acc(acc, u, v)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
-
-    return sig, codegen
-
-
-@intrinsic
-def _vsum4(typingctx: Any, v0: Any, v1: Any, v2: Any, v3: Any) -> Any:
-    """The lane sums of four vectors, by lane shuffles.
-
-    Each sum runs in the same fixed tree ``((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))``.
-    """
-    sig = types.UniTuple(v0.dtype, 4)(v0, v1, v2, v3)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        i32 = ir.IntType(32)
-
-        def pick(a: Any, b: Any, lanes: list[int]) -> Any:
-            mask = ir.Constant(ir.VectorType(i32, len(lanes)), lanes)
-            return builder.shuffle_vector(a, b, mask)
-
-        # halves: h[i] = l[i] + l[i + 4]
-        h = [builder.fadd(pick(v, v, [0, 1, 2, 3]), pick(v, v, [4, 5, 6, 7])) for v in args]
-        # pairs: (h0[0] + h0[2], h0[1] + h0[3], h1[0] + h1[2], h1[1] + h1[3])
-        t01 = builder.fadd(pick(h[0], h[1], [0, 1, 4, 5]), pick(h[0], h[1], [2, 3, 6, 7]))
-        t23 = builder.fadd(pick(h[2], h[3], [0, 1, 4, 5]), pick(h[2], h[3], [2, 3, 6, 7]))
-        s = builder.fadd(pick(t01, t23, [0, 2, 4, 6]), pick(t01, t23, [1, 3, 5, 7]))
-        items = [builder.extract_element(s, i32(i)) for i in range(4)]
-        return context.make_tuple(builder, sig.return_type, items)
-
-    return sig, codegen
-
-
 @_jit
 def _backward(
     x,
@@ -293,7 +184,7 @@ def _backward(
     zero = one - one
     fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
     fw = x.dtype.type(width)
-    vzero = _vsplat(zero)
+    vzero = vsplat(zero)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
     for t in numba.prange(n_img * group * n_blocks):
         b = t // (group * n_blocks)
@@ -302,13 +193,13 @@ def _backward(
         c_lo = g * c_g + blk * block
         cnt = np.uint64(min(block, (g + 1) * c_g - c_lo))
         cu = np.uint64(c_lo)
-        lanes = np.uint64(_LANES)
+        lanes = np.uint64(LANES)
         full = cnt // lanes * lanes
         pix = b * height * width
         for i in range(pix, pix + height * width):  # this task's part of gx, zeroed
             iu = np.uint64(i)
             for k in range(np.uint64(0), full, lanes):
-                _vstore(gx, iu, cu + k, vzero)
+                vstore(gx, iu, cu + k, vzero)
             for k in range(full, cnt):
                 gx[iu, cu + k] = zero
         for l_ in range(length):
@@ -343,22 +234,22 @@ def _backward(
                 # (reduced in a fixed tree), and the scatter into gx. Each corner's
                 # read-modify-write completes before the next: corners may share a row.
                 s00 = s01 = s10 = s11 = vzero
-                u00 = _vsplat(w00)
-                u01 = _vsplat(w01)
-                u10 = _vsplat(w10)
-                u11 = _vsplat(w11)
+                u00 = vsplat(w00)
+                u01 = vsplat(w01)
+                u10 = vsplat(w10)
+                u11 = vsplat(w11)
                 for k in range(np.uint64(0), full, lanes):
                     c = cu + k
-                    go = _vload(gout, ru, c)
-                    s00 = _vmuladd(s00, go, _vload(x, a00, c))
-                    s01 = _vmuladd(s01, go, _vload(x, a01, c))
-                    s10 = _vmuladd(s10, go, _vload(x, a10, c))
-                    s11 = _vmuladd(s11, go, _vload(x, a11, c))
-                    _vstore(gx, a00, c, _vmuladd(_vload(gx, a00, c), u00, go))
-                    _vstore(gx, a01, c, _vmuladd(_vload(gx, a01, c), u01, go))
-                    _vstore(gx, a10, c, _vmuladd(_vload(gx, a10, c), u10, go))
-                    _vstore(gx, a11, c, _vmuladd(_vload(gx, a11, c), u11, go))
-                d00, d01, d10, d11 = _vsum4(s00, s01, s10, s11)
+                    go = vload(gout, ru, c)
+                    s00 = vmuladd(s00, go, vload(x, a00, c))
+                    s01 = vmuladd(s01, go, vload(x, a01, c))
+                    s10 = vmuladd(s10, go, vload(x, a10, c))
+                    s11 = vmuladd(s11, go, vload(x, a11, c))
+                    vstore(gx, a00, c, vmuladd(vload(gx, a00, c), u00, go))
+                    vstore(gx, a01, c, vmuladd(vload(gx, a01, c), u01, go))
+                    vstore(gx, a10, c, vmuladd(vload(gx, a10, c), u10, go))
+                    vstore(gx, a11, c, vmuladd(vload(gx, a11, c), u11, go))
+                d00, d01, d10, d11 = vsum4(s00, s01, s10, s11)
                 for k in range(full, cnt):  # the last cnt % 8 channels, in order
                     c = cu + k
                     go = gout[ru, c]

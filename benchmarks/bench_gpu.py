@@ -9,8 +9,10 @@ Usage (from the repository root, on a machine with a CUDA device)::
 For every shape of ``deformconv.bench.suite`` (``SUITE`` plus ``with_batch(32)``) and each
 of forward and forward+backward, it times ``F.conv2d`` on the same shapes (the floor: one
 cuDNN convolution), ``deformconv.deform_conv2d`` on the backend ``auto`` picks for CUDA
-(``triton`` when Triton is importable), ``torchvision.ops.deform_conv2d`` (the peer) and,
-unless ``--no-reference``, deformconv's pure-PyTorch reference. Each time is the median
+(``triton`` when Triton is importable), ``torchvision.ops.deform_conv2d`` (the peer),
+the implicit-GEMM Triton forward (``implicit GEMM``, forward only: gathered tiles straight
+into ``tl.dot``, no column buffer) and, unless ``--no-reference``, deformconv's
+pure-PyTorch reference. Each time is the median
 of ``--repeats`` (>= 5) CUDA-event timings after ``--warmup`` calls; peak memory is
 ``torch.cuda.max_memory_allocated`` during one call, above what the inputs hold. Offsets
 are random (std 1 px) with fixed seeds; a sanity column gives deformconv's largest
@@ -35,6 +37,9 @@ from deformconv.bench.suite import SUITE, Case, with_batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
+#: The implicit-GEMM Triton forward (no column buffer), timed beside the column path that
+#: ``deformconv`` dispatches to; forward only (its backward is the column one).
+IMPLICIT = "implicit GEMM"
 
 
 def _tensors(case: Case, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor | None]:
@@ -70,6 +75,14 @@ def _impls(case: Case, with_reference: bool) -> dict[str, Callable[..., torch.Te
             input, offset, weight, bias, mask=mask, **kw
         ),
     }
+    if deformconv.available_backends("cuda")[0] == "triton":
+        from deformconv.kernels import _triton_implicit
+
+        def implicit(input, offset, weight, bias, mask):  # type: ignore[no-untyped-def]
+            args = (case.stride, case.stride), (case.padding, case.padding), (1, 1)
+            return _triton_implicit.forward(input, offset, mask, weight, bias, *args)
+
+        impls[IMPLICIT] = implicit
     try:
         import torchvision.ops
 
@@ -240,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             results = {}
             for name, impl in impls.items():
+                if name == IMPLICIT and mode != "fwd":
+                    continue
                 try:
                     results[name] = _measure(impl, tensors, mode, args.warmup, args.repeats)
                 except (RuntimeError, NotImplementedError) as error:  # e.g. OOM, unsupported dtype

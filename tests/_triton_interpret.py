@@ -4,7 +4,8 @@
 fresh process, because ``TRITON_INTERPRET=1`` must be set before Triton is first
 imported) runs every case of ``CASES`` through ``deformconv.kernels._triton.forward`` and
 ``backward`` and saves, per case, the inputs, the output, the gradients and the chunks
-the kernels were run on; then the gradients of one case for each ``needs_grad`` of
+the kernels were run on, and the output of the implicit-GEMM forward
+(``_triton_implicit.forward``); then the gradients of one case for each ``needs_grad`` of
 ``NEEDS_GRAD``. The parent test compares them with the reference kernel and the naive loop
 oracle; nothing here judges the results.
 """
@@ -160,7 +161,7 @@ def make_case(name: str) -> dict[str, object]:
 def main(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1" or "triton" in sys.modules:
         raise SystemExit("run with TRITON_INTERPRET=1 in a fresh process")
-    from deformconv.kernels import _triton
+    from deformconv.kernels import _triton, _triton_implicit
 
     plans: list[list[tuple[int, int, int, int]]] = []
     chunks = _triton._Geometry.chunks
@@ -184,7 +185,9 @@ def main(out_path: str) -> None:
         out = _triton.forward(*tensors, *args)
         _triton.WORKSPACE_BYTES = 2 * case.chunk_pixels * per_pixel or default_bound  # 2 buffers
         grads = _triton.backward(c["grad_output"], *tensors, *args)
-        results[name] = {**c, "out": out, "grads": list(grads), "chunks": list(plans)}
+        implicit_out = _triton_implicit.forward(*tensors, *args)
+        results[name] = {**c, "out": out, "grads": list(grads), "chunks": list(plans),
+                         "implicit_out": implicit_out}  # fmt: skip
     _triton.WORKSPACE_BYTES = default_bound
     c = make_case(NEEDS_GRAD_CASE)
     args = (c["stride"], c["padding"], c["dilation"])

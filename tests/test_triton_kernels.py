@@ -82,6 +82,16 @@ def test_matches_reference(interpreted, name):
         _close(got, want, RTOL[dtype], f"grad_{key}")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_implicit_gemm_forward_matches_reference(interpreted, name):
+    c = interpreted[name]
+    dtype = CASES[name].dtype
+    ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    expected_out, _ = _reference(c, ref_dtype)
+    assert c["implicit_out"].dtype == dtype
+    _close(c["implicit_out"], expected_out, RTOL[dtype], "implicit-GEMM output")
+
+
 @pytest.mark.parametrize("name", [n for n, case in CASES.items() if case.chunk_pixels])
 def test_chunks_cover_every_pixel_once(interpreted, name):
     # The forward's and the backward's chunks, under a workspace bound of chunk_pixels

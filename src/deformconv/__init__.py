@@ -17,6 +17,7 @@ from deformconv.ops import (
     deform_ps_roi_pool,
     deform_roi_pool,
     get_backend,
+    precompile,
     use_backend,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "deformify",
     "get_backend",
     "param_groups",
+    "precompile",
     "recording",
     "use_backend",
 ]

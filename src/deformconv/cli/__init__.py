@@ -16,7 +16,7 @@ from pathlib import Path
 __all__ = ["main", "write_resolved_args"]
 
 # Module names under deformconv.cli, in the order ``--help`` lists them.
-_SUBCOMMANDS = ("example", "export", "demo", "visualize", "bench")
+_SUBCOMMANDS = ("example", "export", "demo", "visualize", "bench", "precompile")
 
 
 def _parser() -> argparse.ArgumentParser:

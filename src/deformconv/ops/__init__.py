@@ -6,6 +6,7 @@ from deformconv.ops._errors import ArgumentError, ArgumentTypeError
 from deformconv.ops._onnx import onnx_translation_table
 from deformconv.ops.dcnv import dcnv3, dcnv4
 from deformconv.ops.deform_conv import deform_conv2d
+from deformconv.ops.precompile import precompile
 from deformconv.ops.roi_pool import deform_ps_roi_pool, deform_roi_pool
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "deform_roi_pool",
     "get_backend",
     "onnx_translation_table",
+    "precompile",
     "use_backend",
 ]

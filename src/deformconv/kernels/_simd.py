@@ -18,7 +18,10 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["LANES", "Vec", "vload", "vmuladd", "vsplat", "vstore", "vsum4"]
+__all__ = [
+    "LANES", "Vec", "vadd", "vfloor", "vge", "vload", "vload2", "vlt", "vmax", "vmin", "vmul",
+    "vmuladd", "vselect", "vsplat", "vstore", "vsub", "vsum4",
+]  # fmt: skip
 
 #: Lanes of a vector (one AVX register of float32).
 LANES = 8
@@ -96,6 +99,122 @@ def vmuladd(typingctx: Any, acc: Any, u: Any, v: Any) -> Any:
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         return builder.fadd(args[0], builder.fmul(args[1], args[2]))
+
+    return sig, codegen
+
+
+@intrinsic
+def vmul(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u·v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fmul(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u + v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fadd(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vsub(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u - v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fsub(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vfloor(typingctx: Any, v: Any) -> Any:
+    """Lane-wise ``floor(v)`` (one rounding instruction)."""
+    sig = v(v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = args[0].type
+        suffix = f"v{LANES}f{vty.element.intrinsic_name[1:]}"  # llvm.floor.v8f32
+        fnty = ir.FunctionType(vty, [vty])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.floor.{suffix}")
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+def _compare(op: str) -> Any:
+    def typer(typingctx: Any, u: Any, v: Any) -> Any:
+        sig = u(u, v)
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.uitofp(builder.fcmp_ordered(op, args[0], args[1]), args[0].type)
+
+        return sig, codegen
+
+    return typer
+
+
+vge = intrinsic(_compare(">="))
+vge.__doc__ = "Lane-wise ``1.0 if u >= v else 0.0`` (0.0 where a lane is NaN)."
+vlt = intrinsic(_compare("<"))
+vlt.__doc__ = "Lane-wise ``1.0 if u < v else 0.0`` (0.0 where a lane is NaN)."
+
+
+def _pick(op: str) -> Any:
+    def typer(typingctx: Any, u: Any, v: Any) -> Any:
+        sig = u(u, v)
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.select(builder.fcmp_ordered(op, args[0], args[1]), args[0], args[1])
+
+        return sig, codegen
+
+    return typer
+
+
+vmin = intrinsic(_pick("<"))
+vmin.__doc__ = "Lane-wise ``u if u < v else v`` (for lanes that are not NaN)."
+vmax = intrinsic(_pick(">"))
+vmax.__doc__ = "Lane-wise ``u if u > v else v`` (for lanes that are not NaN)."
+
+
+@intrinsic
+def vselect(typingctx: Any, cond: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u if cond != 0 else v``: a select (the other side's NaNs stay out)."""
+    sig = u(cond, u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        nonzero = builder.fcmp_unordered("!=", args[0], ir.Constant(args[0].type, None))
+        return builder.select(nonzero, args[1], args[2])
+
+    return sig, codegen
+
+
+@intrinsic
+def vload2(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+    """``a[r, c : c + 16]`` split into its even and odd elements (two vectors)."""
+    sig = types.UniTuple(Vec(a.dtype), 2)(a, r, c)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        lane = context.get_value_type(a.dtype)
+        wide = ir.VectorType(lane, 2 * LANES)
+        ptr = lanes_pointer(context, builder, sig.args[0], *args)
+        align = context.get_abi_sizeof(lane)
+        both = builder.load(builder.bitcast(ptr, wide.as_pointer()), align=align)
+        i32 = ir.IntType(32)
+        even = ir.Constant(ir.VectorType(i32, LANES), list(range(0, 2 * LANES, 2)))
+        odd = ir.Constant(ir.VectorType(i32, LANES), list(range(1, 2 * LANES, 2)))
+        items = [builder.shuffle_vector(both, both, even), builder.shuffle_vector(both, both, odd)]
+        return context.make_tuple(builder, sig.return_type, items)
 
     return sig, codegen
 

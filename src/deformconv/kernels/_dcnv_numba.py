@@ -411,6 +411,32 @@ def _backward(
                     g_off[blk, gu, 2 * jf + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
 
 
+@_jit
+def _split_groups(src, dst):  # pragma: no cover
+    # src: (R, G·k) → dst: (G, R·k), group-major.
+    group = dst.shape[0]
+    k = src.shape[1] // group
+    for r in numba.prange(src.shape[0]):
+        for g in range(group):
+            for i in range(k):
+                dst[g, r * k + i] = src[r, g * k + i]
+
+
+@_jit
+def _merge_groups(src, dst):  # pragma: no cover
+    # src: (B, G, R·k) partials → dst: (R, G·k), their sum in the order of the blocks.
+    n_blocks = src.shape[0]
+    group = src.shape[1]
+    k = dst.shape[1] // group
+    for r in numba.prange(dst.shape[0]):
+        for g in range(group):
+            for i in range(k):
+                acc = src[0, g, r * k + i]
+                for blk in range(1, n_blocks):
+                    acc = acc + src[blk, g, r * k + i]
+                dst[r, g * k + i] = acc
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -541,22 +567,22 @@ def backward(
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
     n_p = len(p.kx)
-    off = p.off.reshape(p.rows, group, 2 * n_p).transpose(0, 1).reshape(group, -1).contiguous()
-    mask_g = p.mask.reshape(p.rows, group, n_p).transpose(0, 1).reshape(group, -1).contiguous()
     gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
-    g_off = p.x.new_empty(n_blocks, *off.shape)
-    g_mask = p.x.new_empty(n_blocks, *mask_g.shape)
+    grad_off = torch.empty_like(p.off) if p.rows > 0 else torch.zeros_like(p.off)
+    grad_m = torch.empty_like(p.mask) if p.rows > 0 else torch.zeros_like(p.mask)
     if p.rows > 0:
+        off = p.x.new_empty(group, p.rows * 2 * n_p)
+        mask_g = p.x.new_empty(group, p.rows * n_p)
+        g_off = p.x.new_empty(n_blocks, *off.shape)
+        g_mask = p.x.new_empty(n_blocks, *mask_g.shape)
+        _numba_threads.launch(_split_groups, p.off.numpy(), off.numpy())
+        _numba_threads.launch(_split_groups, p.mask.numpy(), mask_g.numpy())
         _numba_threads.launch(
             _backward, p.x.numpy(), off.numpy(), mask_g.numpy(), gout.numpy(), gx.numpy(),
             g_off.numpy(), g_mask.numpy(), *p.sizes(), *p.points_per_image(), p.scale, block,
         )  # fmt: skip
-    grad_off, grad_m = g_off[0], g_mask[0]
-    for i in range(1, n_blocks):  # a fixed order: reproducible
-        grad_off = grad_off + g_off[i]
-        grad_m = grad_m + g_mask[i]
-    grad_off = grad_off.reshape(group, p.rows, 2 * n_p).transpose(0, 1)  # (N·L, G, P·2)
-    grad_m = grad_m.reshape(group, p.rows, n_p).transpose(0, 1)
+        _numba_threads.launch(_merge_groups, g_off.numpy(), grad_off.numpy())
+        _numba_threads.launch(_merge_groups, g_mask.numpy(), grad_m.numpy())
     return (
         gx.reshape(input.shape).to(input.dtype),
         grad_off.reshape(offset.shape).to(offset.dtype),

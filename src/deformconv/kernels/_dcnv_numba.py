@@ -6,37 +6,50 @@ layout the C_g channels of a corner are contiguous, so the inner loops run over 
 vectors; the corners, their weights and the mask are found once per (pixel, group,
 point) and shared by the group's channels.
 
-Forward (parallel over output pixels): each pixel writes its own row of the output.
+Points, eight at a time. For one output row, the G·P points' offsets and masks are
+contiguous; :func:`_points` takes eight of them at once (the offsets' x and y split
+from one 16-wide load) and fills a small table: the corners' clamped rows and columns,
+the four weights ``m·w_q``, the fractional parts, the corners' 0/1 validity and whether
+the point is inside the map. The row's last G·P mod 8 points are loaded on into the
+next row (lanes that are ignored), or, in the last row, from a padded copy.
 
-Backward (parallel over tasks (image, group, block of channels)): a task zeroes its part
-of ``grad_input``, then walks the image's output pixels in order and, per point, makes
-one pass over its channels, eight at a time, that
+Forward (parallel over blocks of output rows): per (row, group), sixteen channels at a
+time in two vector accumulators held across the group's points inside the map (then
+eight, then one at a time). Each row is written once.
+
+Backward (parallel over tasks (image, range of groups, block of channels)): a task
+zeroes its part of ``grad_input``, then walks the image's output rows in order and,
+per point inside the map, makes one pass over its channels, eight at a time, that
 
 - adds ``m·w_q·grad_out`` to ``grad_input`` at the four corners, restricted to its own
   channels of its own image: no two tasks write the same element (no atomics);
-- accumulates ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` in eight lanes per corner,
-  summed at the end in a fixed tree; the mask and offset gradients follow from the
-  d_q. When a group's channels are split into several blocks, each block writes its
-  own partial and the partials are summed afterwards in a fixed order.
+- accumulates ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` in eight lanes per corner.
+
+The lanes of eight points are then summed at once (an 8x8 transpose-and-add, each sum
+in the same fixed tree), and the mask and offset gradients of eight points follow from
+the d_q in vectors, written straight into their (N·L, G·P·2) and (N·L, G·P) rows. A task
+covers whole rows of ``x`` and ``grad_input`` (all groups) unless there are fewer than
+:data:`_MIN_TASKS` images: a group's channels alone are a short piece of each row, and
+those pieces, a power of two apart in memory, would compete for a few cache sets. Groups
+are split into ranges first, then a group's channels into blocks; each block writes
+its own partial of the offset and mask gradients, summed afterwards in a fixed order.
 
 Numba runs LLVM without its SLP vectoriser, and the loop vectoriser leaves a
-floating-point reduction scalar unless fastmath allows reordering it. The backward
-therefore spells its vectors out with the intrinsics of :mod:`deformconv.kernels._simd` (an
-LLVM ``<8 x float>`` value; ``vload``, ``vstore``, ``vmuladd``, ``vsum4``), which emit
-plain vector loads, stores, multiplies, adds and shuffles, in the order written. The
-backward reads the offsets and the mask, and writes their gradients, group-major
-((G, N·L, ·) copies), so that a task's values are contiguous rather than a slice of
-every row shared with the other groups' tasks.
+floating-point reduction scalar unless fastmath allows reordering it. The kernels
+therefore spell their vectors out with the intrinsics of :mod:`deformconv.kernels._simd`
+(an LLVM ``<8 x float>`` value; loads, stores, arithmetic, floor, compares, selects and
+lane shuffles), emitted in the order written, with no FMA contraction: the results are
+those of the scalar loops, bit for bit.
 
 The split depends on shapes only (never on the thread count) and every sum runs in a
 fixed order, so results are bitwise reproducible whatever the number of threads.
 
 Safety: a position is tested with comparisons that are False for NaN (``y >= -1 and
-y < H and ...``, in the compute dtype, where H is exact) before it is floored and
-converted to an integer, so NaN, infinite and huge offsets never form an index: they
-read 0 and get zero gradients. Corner indices are clamped into the map (a corner outside
-gets weight 0), so every read and write is in bounds (a vector covers 8 channels of the
-task's block); indices are 64-bit.
+y < H and ...``, in the compute dtype, where H is exact) and the lanes that fail are
+replaced by -1 (a select) before the floor, so NaN, infinite and huge offsets never
+form an index: they read 0 and get zero gradients. Corner indices are clamped into the
+map (a corner outside gets weight 0), so every read and write is in bounds (a vector
+covers 8 channels of the task's block); indices are 64-bit.
 
 float16/bfloat16 are computed in float32; float64 in float64.
 """
@@ -67,17 +80,20 @@ from deformconv.kernels._simd import (
     vselect,
     vsplat,
     vstore,
+    vstore2,
     vsub,
     vsum4,
+    vsum8,
 )
 from deformconv.kernels.dcnv_reference import kernel_points
 
 __all__ = ["backward", "forward"]
 
-#: A group's channels are split into blocks (down to this many channels) until the
-#: backward has at least :data:`_MIN_TASKS` tasks; shapes alone decide the split.
+#: The backward's tasks cover whole images, split into ranges of groups, then a group's
+#: channels into blocks (down to this many channels), until there are at least
+#: :data:`_MIN_TASKS` tasks; shapes alone decide the split.
 _MIN_BLOCK = 8
-_MIN_TASKS = 16
+_MIN_TASKS = 8
 
 #: Output rows per forward task (a task allocates its scratch once).
 _ROWS_PER_TASK = 16
@@ -245,14 +261,19 @@ def _forward(
                 ox, oy = vload2(off, r, 2 * j)
                 _points(table, j, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox,
                         vload(mask, r, j), vscale, fh, fw, one)  # fmt: skip
-            if full < n_gp:
-                for j in range(full, n_gp):
-                    tail_off[0, 2 * (j - full)] = off[r, 2 * j]
-                    tail_off[0, 2 * (j - full) + 1] = off[r, 2 * j + 1]
-                    tail_mask[0, j - full] = mask[r, j]
-                ox, oy = vload2(tail_off, 0, 0)
+            if full < n_gp:  # the row's last points: lanes past them are ignored
+                if (r + 1) * n_gp + LANES - (n_gp - full) <= rows * n_gp:
+                    ox, oy = vload2(off, r, 2 * full)  # reads on into the next row
+                    m = vload(mask, r, full)
+                else:  # the last row: through a padded copy
+                    for j in range(full, n_gp):
+                        tail_off[0, 2 * (j - full)] = off[r, 2 * j]
+                        tail_off[0, 2 * (j - full) + 1] = off[r, 2 * j + 1]
+                        tail_mask[0, j - full] = mask[r, j]
+                    ox, oy = vload2(tail_off, 0, 0)
+                    m = vload(tail_mask, 0, 0)
                 _points(table, full, by, bx, vload(ky, 0, full), vload(kx, 0, full), oy, ox,
-                        vload(tail_mask, 0, 0), vscale, fh, fw, one)  # fmt: skip
+                        m, vscale, fh, fw, one)  # fmt: skip
             for g in range(group):
                 n_valid = 0
                 for j in range(g * n_p, (g + 1) * n_p):
@@ -285,156 +306,176 @@ def _backward(
     group,
     kx,
     ky,
-    bx_l,
-    by_l,
+    geo,
     scale,
     block,
+    per_range,
 ):  # pragma: no cover
-    # Group-major off: (G, N·L·P·2) and mask: (G, N·L·P), so that a task reads its
-    # group's values contiguously; gout: (N·L, C); gx: (N·H·W, C), written whole;
-    # g_off: (B, G, N·L·P·2) and g_mask: (B, G, N·L·P) partials, one per channel
-    # block of ``block`` channels. Task (image, group, block) owns gx[image's pixels,
-    # block's channels] and g_off[block, group, image's rows]. kx, ky, bx_l, by_l:
-    # (1, ≥ L·P + 8) the kernel points and the sampling grid's base per (pixel, point).
+    # off: (N·L, G·P·2), mask: (N·L, G·P); gout: (N·L, C); gx: (N·H·W, C), written
+    # whole; g_off: (B, N·L, G·P·2) and g_mask: (B, N·L, G·P) partials, one per channel
+    # block of ``block`` channels. Task (image, range of ``per_range`` groups, block)
+    # owns gx[image's pixels, its channels] and g_off[block, image's rows, its groups'
+    # columns]. kx, ky, geo: as the forward's.
     c_g = x.shape[1] // group
+    n_gp = mask.shape[1]
+    n_p = n_gp // group
     length = h_out * w_out
-    n_img = gout.shape[0] // length if length > 0 else 0
-    n_p = mask.shape[1] // gout.shape[0]  # the kernel runs with N·L > 0
+    n_rows = gout.shape[0]
+    n_img = n_rows // length if length > 0 else 0
     n_blocks = g_off.shape[0]
-    n_flat = mask.shape[1]
+    n_ranges = (group + per_range - 1) // per_range
     one = x.dtype.type(1)
     zero = one - one
     fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
     fw = x.dtype.type(width)
     vzero = vsplat(zero)
     vscale = vsplat(scale)
-    chunk = LANES * n_p  # points of LANES pixels: a whole number of vectors
-    for t in numba.prange(n_img * group * n_blocks):
-        b = t // (group * n_blocks)
-        g = (t // n_blocks) % group
+    lanes = np.uint64(LANES)
+    s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
+    for t in numba.prange(n_img * n_ranges * n_blocks):
+        b = t // (n_ranges * n_blocks)
+        g_lo = (t // n_blocks) % n_ranges * per_range
+        g_hi = min(group, g_lo + per_range)
         blk = t % n_blocks
-        c_lo = g * c_g + blk * block
-        cnt = np.uint64(min(block, (g + 1) * c_g - c_lo))
-        cu = np.uint64(c_lo)
-        lanes = np.uint64(LANES)
+        cnt = np.uint64(min(block, c_g - blk * block))
         full = cnt // lanes * lanes
         pix = b * height * width
-        table = np.empty((_FIELDS, chunk), kx.dtype)
-        tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # the image's last points, padded
+        j_lo = g_lo * n_p  # the task's points in a row: j_lo + (0 .. n_pts - 1)
+        n_pts = (g_hi - g_lo) * n_p
+        cols = (n_pts + LANES - 1) // LANES * LANES
+        table = np.empty((_FIELDS, cols), kx.dtype)
+        lane_sums = np.empty((4 * cols, LANES), kx.dtype)  # per (corner, point)
+        dots = np.empty((4, cols), kx.dtype)  # d_q per point
+        grads = np.empty((3, LANES), kx.dtype)
+        tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # a row's last points, padded
         tail_mask = np.zeros((1, LANES), kx.dtype)
-        gu = np.uint64(g)
+        g_off_b = g_off[blk]
+        g_mask_b = g_mask[blk]
         for i in range(pix, pix + height * width):  # this task's part of gx, zeroed
             iu = np.uint64(i)
-            for k in range(np.uint64(0), full, lanes):
-                vstore(gx, iu, cu + k, vzero)
-            for k in range(full, cnt):
-                gx[iu, cu + k] = zero
-        for l_lo in range(0, length, LANES):
-            l_hi = min(length, l_lo + LANES)
-            f_lo = (b * length + l_lo) * n_p  # the chunk's first point in the flat rows
-            for v in range(0, (l_hi - l_lo) * n_p, LANES):
-                j = f_lo + v
-                q = l_lo * n_p + v  # the point's index within an image
-                if j + LANES <= n_flat:
-                    ox, oy = vload2(off, g, 2 * j)
-                    m = vload(mask, g, j)
-                else:  # the last points of the last image: through a padded copy
-                    for e in range(n_flat - j):
-                        tail_off[0, 2 * e] = off[g, 2 * (j + e)]
-                        tail_off[0, 2 * e + 1] = off[g, 2 * (j + e) + 1]
-                        tail_mask[0, e] = mask[g, j + e]
+            for g in range(g_lo, g_hi):
+                cu = np.uint64(g * c_g + blk * block)
+                for k in range(np.uint64(0), full, lanes):
+                    vstore(gx, iu, cu + k, vzero)
+                for k in range(full, cnt):
+                    gx[iu, cu + k] = zero
+        for l_ in range(length):
+            r = b * length + l_
+            ru = np.uint64(r)
+            ho = l_ // w_out
+            wo = l_ - ho * w_out
+            by = vsplat(x.dtype.type(ho * s_h + b_h))
+            bx = vsplat(x.dtype.type(wo * s_w + b_w))
+            for v in range(0, n_pts, LANES):
+                j = j_lo + v
+                if r * n_gp + j + LANES <= n_rows * n_gp:  # may read on into the next row
+                    ox, oy = vload2(off, r, 2 * j)
+                    m = vload(mask, r, j)
+                else:  # the last row's last points: through a padded copy
+                    for e in range(n_gp - j):
+                        tail_off[0, 2 * e] = off[r, 2 * (j + e)]
+                        tail_off[0, 2 * e + 1] = off[r, 2 * (j + e) + 1]
+                        tail_mask[0, e] = mask[r, j + e]
                     ox, oy = vload2(tail_off, 0, 0)
                     m = vload(tail_mask, 0, 0)
-                _points(table, v, vload(by_l, 0, q), vload(bx_l, 0, q), vload(ky, 0, q),
-                        vload(kx, 0, q), oy, ox, m, vscale, fh, fw, one)  # fmt: skip
-            for l_ in range(l_lo, l_hi):
-                r = b * length + l_
-                ru = np.uint64(r)
-                for p in range(n_p):
-                    j = (l_ - l_lo) * n_p + p
-                    jf = np.uint64(r * n_p + p)  # the point in the flat rows
-                    if table[_OK, j] == 0:
-                        g_off[blk, gu, 2 * jf] = zero
-                        g_off[blk, gu, 2 * jf + 1] = zero
-                        g_mask[blk, gu, jf] = zero
-                        continue
-                    a00, a01, a10, a11 = _corner_rows(table, j, pix, width)
-                    w00 = table[_W00, j]
-                    w01 = table[_W01, j]
-                    w10 = table[_W10, j]
-                    w11 = table[_W11, j]
-                    # One pass over the block's channels, eight at a time: the four dot
-                    # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums
-                    # (reduced in a fixed tree), and the scatter into gx. Each corner's
-                    # read-modify-write completes before the next: corners may share a row.
-                    s00 = s01 = s10 = s11 = vzero
-                    u00 = vsplat(w00)
-                    u01 = vsplat(w01)
-                    u10 = vsplat(w10)
-                    u11 = vsplat(w11)
-                    for k in range(np.uint64(0), full, lanes):
-                        c = cu + k
-                        go = vload(gout, ru, c)
-                        s00 = vmuladd(s00, go, vload(x, a00, c))
-                        s01 = vmuladd(s01, go, vload(x, a01, c))
-                        s10 = vmuladd(s10, go, vload(x, a10, c))
-                        s11 = vmuladd(s11, go, vload(x, a11, c))
-                        vstore(gx, a00, c, vmuladd(vload(gx, a00, c), u00, go))
-                        vstore(gx, a01, c, vmuladd(vload(gx, a01, c), u01, go))
-                        vstore(gx, a10, c, vmuladd(vload(gx, a10, c), u10, go))
-                        vstore(gx, a11, c, vmuladd(vload(gx, a11, c), u11, go))
-                    d00, d01, d10, d11 = vsum4(s00, s01, s10, s11)
-                    for k in range(full, cnt):  # the last cnt % 8 channels, in order
-                        c = cu + k
-                        go = gout[ru, c]
-                        d00 += go * x[a00, c]
-                        d01 += go * x[a01, c]
-                        d10 += go * x[a10, c]
-                        d11 += go * x[a11, c]
-                        gx[a00, c] += w00 * go
-                        gx[a01, c] += w01 * go
-                        gx[a10, c] += w10 * go
-                        gx[a11, c] += w11 * go
-                    d00 *= table[_V00, j]
-                    d01 *= table[_V01, j]
-                    d10 *= table[_V10, j]
-                    d11 *= table[_V11, j]
-                    ly = table[_LY, j]
-                    lx = table[_LX, j]
-                    hy = one - ly
-                    hx = one - lx
-                    g_mask[blk, gu, jf] = (
-                        hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-                    )
-                    ms = table[_M, j] * scale
-                    g_off[blk, gu, 2 * jf] = (hy * (d01 - d00) + ly * (d11 - d10)) * ms
-                    g_off[blk, gu, 2 * jf + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
+                _points(table, v, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox, m,
+                        vscale, fh, fw, one)  # fmt: skip
+            for v in range(n_pts):
+                if table[_OK, v] == 0:
+                    for q in range(4):
+                        vstore(lane_sums, q * cols + v, 0, vzero)
+                        dots[q, v] = zero
+                    continue
+                cu = np.uint64((g_lo + v // n_p) * c_g + blk * block)
+                a00, a01, a10, a11 = _corner_rows(table, v, pix, width)
+                w00 = table[_W00, v]
+                w01 = table[_W01, v]
+                w10 = table[_W10, v]
+                w11 = table[_W11, v]
+                # One pass over the block's channels, eight at a time: the four dot
+                # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums, and
+                # the scatter into gx. Each corner's read-modify-write completes before
+                # the next: corners may share a row.
+                s00 = s01 = s10 = s11 = vzero
+                u00 = vsplat(w00)
+                u01 = vsplat(w01)
+                u10 = vsplat(w10)
+                u11 = vsplat(w11)
+                for k in range(np.uint64(0), full, lanes):
+                    c = cu + k
+                    go = vload(gout, ru, c)
+                    s00 = vmuladd(s00, go, vload(x, a00, c))
+                    s01 = vmuladd(s01, go, vload(x, a01, c))
+                    s10 = vmuladd(s10, go, vload(x, a10, c))
+                    s11 = vmuladd(s11, go, vload(x, a11, c))
+                    vstore(gx, a00, c, vmuladd(vload(gx, a00, c), u00, go))
+                    vstore(gx, a01, c, vmuladd(vload(gx, a01, c), u01, go))
+                    vstore(gx, a10, c, vmuladd(vload(gx, a10, c), u10, go))
+                    vstore(gx, a11, c, vmuladd(vload(gx, a11, c), u11, go))
+                if full == cnt:  # lane sums later, eight points at a time
+                    vstore(lane_sums, v, 0, s00)
+                    vstore(lane_sums, cols + v, 0, s01)
+                    vstore(lane_sums, 2 * cols + v, 0, s10)
+                    vstore(lane_sums, 3 * cols + v, 0, s11)
+                    continue
+                d00, d01, d10, d11 = vsum4(s00, s01, s10, s11)
+                for k in range(full, cnt):  # the last cnt % 8 channels, in order
+                    c = cu + k
+                    go = gout[ru, c]
+                    d00 += go * x[a00, c]
+                    d01 += go * x[a01, c]
+                    d10 += go * x[a10, c]
+                    d11 += go * x[a11, c]
+                    gx[a00, c] += w00 * go
+                    gx[a01, c] += w01 * go
+                    gx[a10, c] += w10 * go
+                    gx[a11, c] += w11 * go
+                dots[0, v] = d00
+                dots[1, v] = d01
+                dots[2, v] = d10
+                dots[3, v] = d11
+            for v in range(0, n_pts, LANES):
+                if full == cnt:
+                    for q in range(4):
+                        for e in range(n_pts, v + LANES):  # lanes past the points: zeros
+                            vstore(lane_sums, q * cols + e, 0, vzero)
+                        vstore(dots, q, v, vsum8(lane_sums, q * cols + v))
+                _point_grads(dots, table, v, vscale, vzero, one, grads)
+                j = j_lo + v
+                if v + LANES <= n_pts:
+                    vstore(g_mask_b, ru, j, vload(grads, 0, 0))
+                    vstore2(g_off_b, ru, 2 * j, vload(grads, 1, 0), vload(grads, 2, 0))
+                else:  # the task's last points, lane by lane
+                    for e in range(n_pts - v):
+                        g_mask_b[ru, j + e] = grads[0, e]
+                        g_off_b[ru, 2 * (j + e)] = grads[1, e]
+                        g_off_b[ru, 2 * (j + e) + 1] = grads[2, e]
 
 
-@_jit
-def _split_groups(src, dst):  # pragma: no cover
-    # src: (R, G·k) → dst: (G, R·k), group-major.
-    group = dst.shape[0]
-    k = src.shape[1] // group
-    for r in numba.prange(src.shape[0]):
-        for g in range(group):
-            for i in range(k):
-                dst[g, r * k + i] = src[r, g * k + i]
+@numba.njit(inline="always")
+def _point_grads(dots, table, v, scale, vzero, one, grads):  # pragma: no cover
+    """Mask and offset gradients of points ``v : v + 8`` into ``grads`` (3, 8).
 
-
-@_jit
-def _merge_groups(src, dst):  # pragma: no cover
-    # src: (B, G, R·k) partials → dst: (R, G·k), their sum in the order of the blocks.
-    n_blocks = src.shape[0]
-    group = src.shape[1]
-    k = dst.shape[1] // group
-    for r in numba.prange(dst.shape[0]):
-        for g in range(group):
-            for i in range(k):
-                acc = src[0, g, r * k + i]
-                for blk in range(1, n_blocks):
-                    acc = acc + src[blk, g, r * k + i]
-                dst[r, g * k + i] = acc
+    From the corners' dot products ``dots`` (4, ·); 0 for points outside the map.
+    """
+    vone = vsplat(one)
+    d00 = vmul(vload(dots, 0, v), vload(table, _V00, v))
+    d01 = vmul(vload(dots, 1, v), vload(table, _V01, v))
+    d10 = vmul(vload(dots, 2, v), vload(table, _V10, v))
+    d11 = vmul(vload(dots, 3, v), vload(table, _V11, v))
+    ly = vload(table, _LY, v)
+    lx = vload(table, _LX, v)
+    hy = vsub(vone, ly)
+    hx = vsub(vone, lx)
+    gm = vmuladd(vmul(vmul(hy, hx), d00), vmul(hy, lx), d01)
+    gm = vmuladd(vmuladd(gm, vmul(ly, hx), d10), vmul(ly, lx), d11)
+    ms = vmul(vload(table, _M, v), scale)
+    gy = vmul(vmuladd(vmul(hy, vsub(d01, d00)), ly, vsub(d11, d10)), ms)
+    gx = vmul(vmuladd(vmul(hx, vsub(d10, d00)), lx, vsub(d11, d01)), ms)
+    ok = vload(table, _OK, v)
+    vstore(grads, 0, 0, vselect(ok, gm, vzero))
+    vstore(grads, 1, 0, vselect(ok, gy, vzero))
+    vstore(grads, 2, 0, vselect(ok, gx, vzero))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -492,24 +533,21 @@ class _Problem:
         return (self._padded(np.tile(self.kx, self.group)),
                 self._padded(np.tile(self.ky, self.group)), geo)  # fmt: skip
 
-    def points_per_image(self) -> tuple[object, ...]:
-        """Per (output pixel, point) of an image: the kernel point and the grid's base."""
-        n_p = len(self.kx)
-        ho = np.arange(self.h_out).repeat(self.w_out) * self.stride[0] + self.base[0]
-        wo = np.tile(np.arange(self.w_out), self.h_out) * self.stride[1] + self.base[1]
-        return (
-            self._padded(np.tile(self.kx, self.h_out * self.w_out)),
-            self._padded(np.tile(self.ky, self.h_out * self.w_out)),
-            self._padded(wo.repeat(n_p)), self._padded(ho.repeat(n_p)),
-        )  # fmt: skip
 
+def _task_split(n: int, group: int, c_g: int) -> tuple[int, int]:
+    """Groups and channels per backward task: whole images, split while there are few tasks.
 
-def _channel_block(n: int, group: int, c_g: int) -> int:
-    """Channels per backward task: all of a group's, split while there are few tasks."""
+    A task walks whole rows of x and gx (all groups) where it can: a group's channels
+    alone are a short piece of each row, and their rows, a power of two apart in
+    memory, would compete for a few cache sets. Groups are split first, then channels.
+    """
+    per_range = group
+    while n * -(-group // per_range) < _MIN_TASKS and per_range > 1:
+        per_range = -(-per_range // 2)
     block = c_g
-    while n * group * -(-c_g // block) < _MIN_TASKS and block >= 2 * _MIN_BLOCK:
+    while n * -(-group // per_range) * -(-c_g // block) < _MIN_TASKS and block >= 2 * _MIN_BLOCK:
         block = -(-block // 2)
-    return max(1, block)
+    return per_range, max(1, block)
 
 
 @_numba_threads.scoped
@@ -563,26 +601,24 @@ def backward(
     p = _Problem(input, offset, mask, kernel_size, stride, padding, dilation, group,
                  offset_scale, remove_center)  # fmt: skip
     c_g = p.channels // group
-    block = _channel_block(p.n, group, c_g)
+    per_range, block = _task_split(p.n, group, c_g)
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
-    n_p = len(p.kx)
     gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
-    grad_off = torch.empty_like(p.off) if p.rows > 0 else torch.zeros_like(p.off)
-    grad_m = torch.empty_like(p.mask) if p.rows > 0 else torch.zeros_like(p.mask)
+    g_off = p.x.new_empty(n_blocks, *p.off.shape)
+    g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
     if p.rows > 0:
-        off = p.x.new_empty(group, p.rows * 2 * n_p)
-        mask_g = p.x.new_empty(group, p.rows * n_p)
-        g_off = p.x.new_empty(n_blocks, *off.shape)
-        g_mask = p.x.new_empty(n_blocks, *mask_g.shape)
-        _numba_threads.launch(_split_groups, p.off.numpy(), off.numpy())
-        _numba_threads.launch(_split_groups, p.mask.numpy(), mask_g.numpy())
         _numba_threads.launch(
-            _backward, p.x.numpy(), off.numpy(), mask_g.numpy(), gout.numpy(), gx.numpy(),
-            g_off.numpy(), g_mask.numpy(), *p.sizes(), *p.points_per_image(), p.scale, block,
+            _backward, *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
+            *p.sizes(), *p.points_per_row(), p.scale, block, per_range,
         )  # fmt: skip
-        _numba_threads.launch(_merge_groups, g_off.numpy(), grad_off.numpy())
-        _numba_threads.launch(_merge_groups, g_mask.numpy(), grad_m.numpy())
+    else:
+        g_off.zero_()
+        g_mask.zero_()
+    grad_off, grad_m = g_off[0], g_mask[0]
+    for i in range(1, n_blocks):  # a fixed order: reproducible
+        grad_off = grad_off + g_off[i]
+        grad_m = grad_m + g_mask[i]
     return (
         gx.reshape(input.shape).to(input.dtype),
         grad_off.reshape(offset.shape).to(offset.dtype),

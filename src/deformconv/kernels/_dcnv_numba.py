@@ -177,19 +177,19 @@ def _corner_rows(table, j, pix, width):  # pragma: no cover
 
 
 @numba.njit(inline="always")
-def _gather(x, out, r, c0, c_g, corner, table, sel, n_valid):  # pragma: no cover
-    """``out[r, c0 : c0 + c_g] = Σ_i Σ_q w_q(sel[i]) · x[corner[i, q], c0 : c0 + c_g]``.
+def _gather(x, out, r, c0, c_g, table, j_lo, n_p, pix, width):  # pragma: no cover
+    """``out[r, c0 : c0 + c_g] = Σ_j Σ_q w_q(j) · x[corner_q(j), c0 : c0 + c_g]``.
 
-    Sixteen channels at a time in two vector accumulators held across the points (then
-    eight, then one at a time), each point's four products summed left to right and
-    added to the accumulator.
+    Over the points ``j_lo : j_lo + n_p`` inside the map. Sixteen channels at a time in
+    two vector accumulators held across the points (then eight, then one at a time),
+    each point's four products summed left to right and added to the accumulator.
     """
     lanes = np.uint64(LANES)
     two = lanes + lanes
     n = np.uint64(c_g)
     pair_end = n // two * two
     full = n // lanes * lanes
-    zero = table[0, 0] - table[0, 0]
+    zero = out.dtype.type(0)
     vzero = vsplat(zero)
     for k in range(np.uint64(0), full, lanes):
         pair = k < pair_end
@@ -198,9 +198,10 @@ def _gather(x, out, r, c0, c_g, corner, table, sel, n_valid):  # pragma: no cove
         c = c0 + k
         a0 = vzero
         a1 = vzero
-        for i in range(n_valid):
-            j = sel[i]
-            i0, i1, i2, i3 = corner[i, 0], corner[i, 1], corner[i, 2], corner[i, 3]
+        for j in range(j_lo, j_lo + n_p):
+            if table[_OK, j] == 0:
+                continue
+            i0, i1, i2, i3 = _corner_rows(table, j, pix, width)
             u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
             u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
             s0 = vmuladd(vmul(u0, vload(x, i0, c)), u1, vload(x, i1, c))
@@ -212,16 +213,17 @@ def _gather(x, out, r, c0, c_g, corner, table, sel, n_valid):  # pragma: no cove
         vstore(out, r, c, a0)
         if pair:
             vstore(out, r, c + lanes, a1)
-    for k in range(full, n):
-        c = c0 + k
-        acc = zero
-        for i in range(n_valid):
-            j = sel[i]
-            acc += (
-                table[_W00, j] * x[corner[i, 0], c] + table[_W01, j] * x[corner[i, 1], c]
-                + table[_W10, j] * x[corner[i, 2], c] + table[_W11, j] * x[corner[i, 3], c]
-            )  # fmt: skip
-        out[r, c] = acc
+    if full < n:  # the last c_g % 8 channels, accumulated in out
+        for k in range(full, n):
+            out[r, c0 + k] = zero
+        for j in range(j_lo, j_lo + n_p):
+            if table[_OK, j] == 0:
+                continue
+            i0, i1, i2, i3 = _corner_rows(table, j, pix, width)
+            w0, w1, w2, w3 = table[_W00, j], table[_W01, j], table[_W10, j], table[_W11, j]
+            for k in range(full, n):
+                c = c0 + k
+                out[r, c] += w0 * x[i0, c] + w1 * x[i1, c] + w2 * x[i2, c] + w3 * x[i3, c]
 
 
 @_jit
@@ -247,8 +249,6 @@ def _forward(
         table = np.empty((_FIELDS, full + LANES), kx.dtype)
         tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # the last n_gp % 8 points, padded
         tail_mask = np.zeros((1, LANES), kx.dtype)
-        corner = np.empty((n_p, 4), np.uint64)  # the valid points of one (row, group)
-        sel = np.empty(n_p, np.int64)
         for r in range(t * _ROWS_PER_TASK, min(rows, (t + 1) * _ROWS_PER_TASK)):
             b = r // length
             l_ = r - b * length
@@ -275,19 +275,8 @@ def _forward(
                 _points(table, full, by, bx, vload(ky, 0, full), vload(kx, 0, full), oy, ox,
                         m, vscale, fh, fw, one)  # fmt: skip
             for g in range(group):
-                n_valid = 0
-                for j in range(g * n_p, (g + 1) * n_p):
-                    if table[_OK, j] != 0:
-                        (
-                            corner[n_valid, 0],
-                            corner[n_valid, 1],
-                            corner[n_valid, 2],
-                            corner[n_valid, 3],
-                        ) = _corner_rows(table, j, pix, width)
-                        sel[n_valid] = j
-                        n_valid += 1
-                _gather(x, out, np.uint64(r), np.uint64(g * c_g), c_g, corner, table, sel,
-                        n_valid)  # fmt: skip
+                _gather(x, out, np.uint64(r), np.uint64(g * c_g), c_g, table, g * n_p, n_p,
+                        pix, width)  # fmt: skip
 
 
 @_jit

@@ -6,37 +6,50 @@ layout the C_g channels of a corner are contiguous, so the inner loops run over 
 vectors; the corners, their weights and the mask are found once per (pixel, group,
 point) and shared by the group's channels.
 
-Forward (parallel over output pixels): each pixel writes its own row of the output.
+Points, eight at a time. For one output row, the G·P points' offsets and masks are
+contiguous; :func:`_points` takes eight of them at once (the offsets' x and y split
+from one 16-wide load) and fills a small table: the corners' clamped rows and columns,
+the four weights ``m·w_q``, the fractional parts, the corners' 0/1 validity and whether
+the point is inside the map. The row's last G·P mod 8 points are loaded on into the
+next row (lanes that are ignored), or, in the last row, from a padded copy.
 
-Backward (parallel over tasks (image, group, block of channels)): a task zeroes its part
-of ``grad_input``, then walks the image's output pixels in order and, per point, makes
-one pass over its channels, eight at a time, that
+Forward (parallel over blocks of output rows): per (row, group), sixteen channels at a
+time in two vector accumulators held across the group's points inside the map (then
+eight, then one at a time). Each row is written once.
+
+Backward (parallel over tasks (image, range of groups, block of channels)): a task
+zeroes its part of ``grad_input``, then walks the image's output rows in order and,
+per point inside the map, makes one pass over its channels, eight at a time, that
 
 - adds ``m·w_q·grad_out`` to ``grad_input`` at the four corners, restricted to its own
   channels of its own image: no two tasks write the same element (no atomics);
-- accumulates ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` in eight lanes per corner,
-  summed at the end in a fixed tree; the mask and offset gradients follow from the
-  d_q. When a group's channels are split into several blocks, each block writes its
-  own partial and the partials are summed afterwards in a fixed order.
+- accumulates ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` in eight lanes per corner.
+
+The lanes of eight points are then summed at once (an 8x8 transpose-and-add, each sum
+in the same fixed tree), and the mask and offset gradients of eight points follow from
+the d_q in vectors, written straight into their (N·L, G·P·2) and (N·L, G·P) rows. A task
+covers whole rows of ``x`` and ``grad_input`` (all groups) unless there are fewer than
+:data:`_MIN_TASKS` images: a group's channels alone are a short piece of each row, and
+those pieces, a power of two apart in memory, would compete for a few cache sets. Groups
+are split into ranges first, then a group's channels into blocks; each block writes
+its own partial of the offset and mask gradients, summed afterwards in a fixed order.
 
 Numba runs LLVM without its SLP vectoriser, and the loop vectoriser leaves a
-floating-point reduction scalar unless fastmath allows reordering it. The backward
-therefore spells its vectors out with the intrinsics of :mod:`deformconv.kernels._simd` (an
-LLVM ``<8 x float>`` value; ``vload``, ``vstore``, ``vmuladd``, ``vsum4``), which emit
-plain vector loads, stores, multiplies, adds and shuffles, in the order written. The
-backward reads the offsets and the mask, and writes their gradients, group-major
-((G, N·L, ·) copies), so that a task's values are contiguous rather than a slice of
-every row shared with the other groups' tasks.
+floating-point reduction scalar unless fastmath allows reordering it. The kernels
+therefore spell their vectors out with the intrinsics of :mod:`deformconv.kernels._simd`
+(an LLVM ``<8 x float>`` value; loads, stores, arithmetic, floor, compares, selects and
+lane shuffles), emitted in the order written, with no FMA contraction: the results are
+those of the scalar loops, bit for bit.
 
 The split depends on shapes only (never on the thread count) and every sum runs in a
 fixed order, so results are bitwise reproducible whatever the number of threads.
 
 Safety: a position is tested with comparisons that are False for NaN (``y >= -1 and
-y < H and ...``, in the compute dtype, where H is exact) before it is floored and
-converted to an integer, so NaN, infinite and huge offsets never form an index: they
-read 0 and get zero gradients. Corner indices are clamped into the map (a corner outside
-gets weight 0), so every read and write is in bounds (a vector covers 8 channels of the
-task's block); indices are 64-bit.
+y < H and ...``, in the compute dtype, where H is exact) and the lanes that fail are
+replaced by -1 (a select) before the floor, so NaN, infinite and huge offsets never
+form an index: they read 0 and get zero gradients. Corner indices are clamped into the
+map (a corner outside gets weight 0), so every read and write is in bounds (a vector
+covers 8 channels of the task's block); indices are 64-bit.
 
 float16/bfloat16 are computed in float32; float64 in float64.
 """
@@ -52,49 +65,165 @@ import torch
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
-from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum4
+from deformconv.kernels._simd import (
+    LANES,
+    vadd,
+    vfloor,
+    vge,
+    vload,
+    vload2,
+    vlt,
+    vmax,
+    vmin,
+    vmul,
+    vmuladd,
+    vselect,
+    vsplat,
+    vstore,
+    vstore2,
+    vsub,
+    vsum4,
+    vsum8,
+)
 from deformconv.kernels.dcnv_reference import kernel_points
 
 __all__ = ["backward", "forward"]
 
-#: A group's channels are split into blocks (down to this many channels) until the
-#: backward has at least :data:`_MIN_TASKS` tasks; shapes alone decide the split.
+#: The backward's tasks cover whole images, split into ranges of groups, then a group's
+#: channels into blocks (down to this many channels), until there are at least
+#: :data:`_MIN_TASKS` tasks; shapes alone decide the split.
 _MIN_BLOCK = 8
-_MIN_TASKS = 16
+_MIN_TASKS = 8
+
+#: Output rows per forward task (a task allocates its scratch once).
+_ROWS_PER_TASK = 16
 
 _jit: Callable[[Any], Any] = numba.njit(
     parallel=True, cache=True, nogil=True, fastmath=False, error_model="numpy"
 )
 
 
-@numba.njit(inline="always")
-def _corners(y, x, height, width, one):  # pragma: no cover
-    """Corners of a position with -1 <= y < H and -1 <= x < W (checked by the caller).
+# Fields of the per-point table that :func:`_points` fills, eight points at a time.
+_RY0, _RY1, _RX0, _RX1 = 0, 1, 2, 3  # the corners' rows and columns, clamped into the map
+_W00, _W01, _W10, _W11 = 4, 5, 6, 7  # the corners' weights m·w_q (0 for a corner outside)
+_OK = 8  # 1 for a point inside (-1 <= y < H and -1 <= x < W), else 0
+_LY, _LX = 9, 10  # fractional parts
+_V00, _V01, _V10, _V11 = 11, 12, 13, 14  # corner validity (0/1)
+_M = 15  # the mask (0 for a point outside)
+_FIELDS = 16
 
-    Returns the four flat pixel indices ``row·W + col`` (clamped into the map), the
-    fractional parts ``ly, lx`` and the 0/1 validity of each corner.
+
+@numba.njit(inline="always")
+def _points(table, col, by, bx, ky, kx, oy, ox, m, scale, fh, fw, one):  # pragma: no cover
+    """Fill ``table[:, col : col + 8]`` for eight points (vectors of positions' parts).
+
+    A point's position is ``b + (k + o)·scale``. Lanes outside the map (NaN included:
+    the comparisons are False) are replaced by -1 before the floor, so no NaN, infinite
+    or huge value reaches a corner; their mask is 0 and ``_OK`` is 0.
     """
-    y0 = np.floor(y)
-    x0 = np.floor(x)
-    ly = y - y0
-    lx = x - x0
-    iy0 = np.int64(y0)  # in [-1, H - 1]: y was range-checked, so the conversion is exact
-    ix0 = np.int64(x0)
-    # Validity by arithmetic on the exact integers y0 in [-1, H - 1] (min, not a
-    # branch): row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1.
-    vy0 = min(y0 + one, one)
-    vy1 = min((height - one) - y0, one)
-    vx0 = min(x0 + one, one)
-    vx1 = min((width - one) - x0, one)
-    ry0 = max(iy0, 0)
-    ry1 = min(iy0 + 1, np.int64(height) - 1)
-    rx0 = max(ix0, 0)
-    rx1 = min(ix0 + 1, np.int64(width) - 1)
+    vone = vsplat(one)
+    vzero = vsub(vone, vone)
+    vneg = vsub(vzero, vone)
+    vh = vsplat(fh)
+    vw = vsplat(fw)
+    yy = vadd(by, vmul(vadd(ky, oy), scale))
+    xx = vadd(bx, vmul(vadd(kx, ox), scale))
+    ok = vmul(vmul(vge(yy, vneg), vlt(yy, vh)), vmul(vge(xx, vneg), vlt(xx, vw)))
+    yy = vselect(ok, yy, vneg)
+    xx = vselect(ok, xx, vneg)
+    m = vselect(ok, m, vzero)
+    y0 = vfloor(yy)  # exact integers in [-1, H - 1]
+    x0 = vfloor(xx)
+    ly = vsub(yy, y0)
+    lx = vsub(xx, x0)
+    hy = vsub(vone, ly)
+    hx = vsub(vone, lx)
+    # Row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1 (as 0/1 by a min).
+    vy0 = vmin(vadd(y0, vone), vone)
+    vy1 = vmin(vsub(vsub(vh, vone), y0), vone)
+    vx0 = vmin(vadd(x0, vone), vone)
+    vx1 = vmin(vsub(vsub(vw, vone), x0), vone)
+    v00 = vmul(vy0, vx0)
+    v01 = vmul(vy0, vx1)
+    v10 = vmul(vy1, vx0)
+    v11 = vmul(vy1, vx1)
+    vstore(table, _RY0, col, vmax(y0, vzero))
+    vstore(table, _RY1, col, vmin(vadd(y0, vone), vsub(vh, vone)))
+    vstore(table, _RX0, col, vmax(x0, vzero))
+    vstore(table, _RX1, col, vmin(vadd(x0, vone), vsub(vw, vone)))
+    vstore(table, _W00, col, vmul(vmul(vmul(hy, hx), v00), m))
+    vstore(table, _W01, col, vmul(vmul(vmul(hy, lx), v01), m))
+    vstore(table, _W10, col, vmul(vmul(vmul(ly, hx), v10), m))
+    vstore(table, _W11, col, vmul(vmul(vmul(ly, lx), v11), m))
+    vstore(table, _OK, col, ok)
+    vstore(table, _LY, col, ly)
+    vstore(table, _LX, col, lx)
+    vstore(table, _V00, col, v00)
+    vstore(table, _V01, col, v01)
+    vstore(table, _V10, col, v10)
+    vstore(table, _V11, col, v11)
+    vstore(table, _M, col, m)
+
+
+@numba.njit(inline="always")
+def _corner_rows(table, j, pix, width):  # pragma: no cover
+    """The flat input rows of point ``j``'s four corners (the table's values are exact)."""
     w = np.int64(width)
-    return (
-        ry0 * w + rx0, ry0 * w + rx1, ry1 * w + rx0, ry1 * w + rx1,
-        ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1,
-    )  # fmt: skip
+    y0 = np.int64(table[_RY0, j]) * w + pix
+    y1 = np.int64(table[_RY1, j]) * w + pix
+    x0 = np.int64(table[_RX0, j])
+    x1 = np.int64(table[_RX1, j])
+    return np.uint64(y0 + x0), np.uint64(y0 + x1), np.uint64(y1 + x0), np.uint64(y1 + x1)
+
+
+@numba.njit(inline="always")
+def _gather(x, out, r, c0, c_g, table, j_lo, n_p, pix, width):  # pragma: no cover
+    """``out[r, c0 : c0 + c_g] = Σ_j Σ_q w_q(j) · x[corner_q(j), c0 : c0 + c_g]``.
+
+    Over the points ``j_lo : j_lo + n_p`` inside the map. Sixteen channels at a time in
+    two vector accumulators held across the points (then eight, then one at a time),
+    each point's four products summed left to right and added to the accumulator.
+    """
+    lanes = np.uint64(LANES)
+    two = lanes + lanes
+    n = np.uint64(c_g)
+    pair_end = n // two * two
+    full = n // lanes * lanes
+    zero = out.dtype.type(0)
+    vzero = vsplat(zero)
+    for k in range(np.uint64(0), full, lanes):
+        pair = k < pair_end
+        if pair and k % two != np.uint64(0):
+            continue  # the second half of a pair, done with the first
+        c = c0 + k
+        a0 = vzero
+        a1 = vzero
+        for j in range(j_lo, j_lo + n_p):
+            if table[_OK, j] == 0:
+                continue
+            i0, i1, i2, i3 = _corner_rows(table, j, pix, width)
+            u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
+            u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
+            s0 = vmuladd(vmul(u0, vload(x, i0, c)), u1, vload(x, i1, c))
+            a0 = vadd(a0, vmuladd(vmuladd(s0, u2, vload(x, i2, c)), u3, vload(x, i3, c)))
+            if pair:
+                d = c + lanes
+                s1 = vmuladd(vmul(u0, vload(x, i0, d)), u1, vload(x, i1, d))
+                a1 = vadd(a1, vmuladd(vmuladd(s1, u2, vload(x, i2, d)), u3, vload(x, i3, d)))
+        vstore(out, r, c, a0)
+        if pair:
+            vstore(out, r, c + lanes, a1)
+    if full < n:  # the last c_g % 8 channels, accumulated in out
+        for k in range(full, n):
+            out[r, c0 + k] = zero
+        for j in range(j_lo, j_lo + n_p):
+            if table[_OK, j] == 0:
+                continue
+            i0, i1, i2, i3 = _corner_rows(table, j, pix, width)
+            w0, w1, w2, w3 = table[_W00, j], table[_W01, j], table[_W10, j], table[_W11, j]
+            for k in range(full, n):
+                c = c0 + k
+                out[r, c] += w0 * x[i0, c] + w1 * x[i1, c] + w2 * x[i2, c] + w3 * x[i3, c]
 
 
 @_jit
@@ -102,52 +231,52 @@ def _forward(
     x, off, mask, out, height, width, h_out, w_out, group, kx, ky, geo, scale
 ):  # pragma: no cover
     # x: (N·H·W, C) channels-last input; off: (N·L, G·P·2); mask: (N·L, G·P);
-    # out: (N·L, C). kx, ky: (P,) kernel points relative to the centre.
-    # geo: (s_h, s_w, base_h, base_w) with base = c - pad (the sampling grid's origin).
-    n_p = kx.shape[0]
+    # out: (N·L, C). kx, ky: (1, ≥ G·P + 8) the kernel points relative to the centre,
+    # tiled over the groups and padded. geo: (s_h, s_w, base_h, base_w) with
+    # base = c - pad (the sampling grid's origin).
     c_g = x.shape[1] // group
+    n_gp = mask.shape[1]
+    n_p = n_gp // group
     length = h_out * w_out
+    rows = out.shape[0]
     one = x.dtype.type(1)
-    zero = one - one
     fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
     fw = x.dtype.type(width)
+    vscale = vsplat(scale)
+    full = n_gp // LANES * LANES
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
-    for r in numba.prange(out.shape[0]):
-        b = r // length
-        l_ = r - b * length
-        ho = l_ // w_out
-        wo = l_ - ho * w_out
-        by = x.dtype.type(ho * s_h + b_h)
-        bx = x.dtype.type(wo * s_w + b_w)
-        pix = b * height * width
-        for c in range(x.shape[1]):
-            out[r, c] = zero
-        for g in range(group):
-            cu = np.uint64(g * c_g)
-            for p in range(n_p):
-                j = g * n_p + p
-                xx = bx + (kx[p] + off[r, 2 * j]) * scale
-                yy = by + (ky[p] + off[r, 2 * j + 1]) * scale
-                if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
-                    continue
-                m = mask[r, j]
-                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
-                hy = one - ly
-                hx = one - lx
-                w00 = hy * hx * v00 * m
-                w01 = hy * lx * v01 * m
-                w10 = ly * hx * v10 * m
-                w11 = ly * lx * v11 * m
-                a00 = np.uint64(pix + i00)
-                a01 = np.uint64(pix + i01)
-                a10 = np.uint64(pix + i10)
-                a11 = np.uint64(pix + i11)
-                ru = np.uint64(r)
-                for k in range(np.uint64(c_g)):
-                    out[ru, cu + k] += (
-                        w00 * x[a00, cu + k] + w01 * x[a01, cu + k]
-                        + w10 * x[a10, cu + k] + w11 * x[a11, cu + k]
-                    )  # fmt: skip
+    for t in numba.prange((rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        table = np.empty((_FIELDS, full + LANES), kx.dtype)
+        tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # the last n_gp % 8 points, padded
+        tail_mask = np.zeros((1, LANES), kx.dtype)
+        for r in range(t * _ROWS_PER_TASK, min(rows, (t + 1) * _ROWS_PER_TASK)):
+            b = r // length
+            l_ = r - b * length
+            ho = l_ // w_out
+            wo = l_ - ho * w_out
+            by = vsplat(x.dtype.type(ho * s_h + b_h))
+            bx = vsplat(x.dtype.type(wo * s_w + b_w))
+            pix = b * height * width
+            for j in range(0, full, LANES):
+                ox, oy = vload2(off, r, 2 * j)
+                _points(table, j, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox,
+                        vload(mask, r, j), vscale, fh, fw, one)  # fmt: skip
+            if full < n_gp:  # the row's last points: lanes past them are ignored
+                if (r + 1) * n_gp + LANES - (n_gp - full) <= rows * n_gp:
+                    ox, oy = vload2(off, r, 2 * full)  # reads on into the next row
+                    m = vload(mask, r, full)
+                else:  # the last row: through a padded copy
+                    for j in range(full, n_gp):
+                        tail_off[0, 2 * (j - full)] = off[r, 2 * j]
+                        tail_off[0, 2 * (j - full) + 1] = off[r, 2 * j + 1]
+                        tail_mask[0, j - full] = mask[r, j]
+                    ox, oy = vload2(tail_off, 0, 0)
+                    m = vload(tail_mask, 0, 0)
+                _points(table, full, by, bx, vload(ky, 0, full), vload(kx, 0, full), oy, ox,
+                        m, vscale, fh, fw, one)  # fmt: skip
+            for g in range(group):
+                _gather(x, out, np.uint64(r), np.uint64(g * c_g), c_g, table, g * n_p, n_p,
+                        pix, width)  # fmt: skip
 
 
 @_jit
@@ -169,70 +298,93 @@ def _backward(
     geo,
     scale,
     block,
+    per_range,
 ):  # pragma: no cover
-    # Group-major off: (G, N·L, P·2) and mask: (G, N·L, P), so that a task reads its
-    # group's values contiguously; gout: (N·L, C); gx: (N·H·W, C), written whole;
-    # g_off: (B, G, N·L, P·2) and g_mask: (B, G, N·L, P) partials, one per channel
-    # block of ``block`` channels. Task (image, group, block) owns gx[image's pixels,
-    # block's channels] and g_off[block, group, image's rows].
-    n_p = kx.shape[0]
+    # off: (N·L, G·P·2), mask: (N·L, G·P); gout: (N·L, C); gx: (N·H·W, C), written
+    # whole; g_off: (B, N·L, G·P·2) and g_mask: (B, N·L, G·P) partials, one per channel
+    # block of ``block`` channels. Task (image, range of ``per_range`` groups, block)
+    # owns gx[image's pixels, its channels] and g_off[block, image's rows, its groups'
+    # columns]. kx, ky, geo: as the forward's.
     c_g = x.shape[1] // group
+    n_gp = mask.shape[1]
+    n_p = n_gp // group
     length = h_out * w_out
-    n_img = gout.shape[0] // length if length > 0 else 0
+    n_rows = gout.shape[0]
+    n_img = n_rows // length if length > 0 else 0
     n_blocks = g_off.shape[0]
+    n_ranges = (group + per_range - 1) // per_range
     one = x.dtype.type(1)
     zero = one - one
     fh = x.dtype.type(height)  # exact: maps have fewer than 2**24 rows and columns
     fw = x.dtype.type(width)
     vzero = vsplat(zero)
+    vscale = vsplat(scale)
+    lanes = np.uint64(LANES)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
-    for t in numba.prange(n_img * group * n_blocks):
-        b = t // (group * n_blocks)
-        g = (t // n_blocks) % group
+    for t in numba.prange(n_img * n_ranges * n_blocks):
+        b = t // (n_ranges * n_blocks)
+        g_lo = (t // n_blocks) % n_ranges * per_range
+        g_hi = min(group, g_lo + per_range)
         blk = t % n_blocks
-        c_lo = g * c_g + blk * block
-        cnt = np.uint64(min(block, (g + 1) * c_g - c_lo))
-        cu = np.uint64(c_lo)
-        lanes = np.uint64(LANES)
+        cnt = np.uint64(min(block, c_g - blk * block))
         full = cnt // lanes * lanes
         pix = b * height * width
+        j_lo = g_lo * n_p  # the task's points in a row: j_lo + (0 .. n_pts - 1)
+        n_pts = (g_hi - g_lo) * n_p
+        cols = (n_pts + LANES - 1) // LANES * LANES
+        table = np.empty((_FIELDS, cols), kx.dtype)
+        lane_sums = np.empty((4 * cols, LANES), kx.dtype)  # per (corner, point)
+        dots = np.empty((4, cols), kx.dtype)  # d_q per point
+        grads = np.empty((3, LANES), kx.dtype)
+        tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # a row's last points, padded
+        tail_mask = np.zeros((1, LANES), kx.dtype)
+        g_off_b = g_off[blk]
+        g_mask_b = g_mask[blk]
         for i in range(pix, pix + height * width):  # this task's part of gx, zeroed
             iu = np.uint64(i)
-            for k in range(np.uint64(0), full, lanes):
-                vstore(gx, iu, cu + k, vzero)
-            for k in range(full, cnt):
-                gx[iu, cu + k] = zero
+            for g in range(g_lo, g_hi):
+                cu = np.uint64(g * c_g + blk * block)
+                for k in range(np.uint64(0), full, lanes):
+                    vstore(gx, iu, cu + k, vzero)
+                for k in range(full, cnt):
+                    gx[iu, cu + k] = zero
         for l_ in range(length):
             r = b * length + l_
             ru = np.uint64(r)
             ho = l_ // w_out
             wo = l_ - ho * w_out
-            by = x.dtype.type(ho * s_h + b_h)
-            bx = x.dtype.type(wo * s_w + b_w)
-            for p in range(n_p):
-                xx = bx + (kx[p] + off[g, r, 2 * p]) * scale
-                yy = by + (ky[p] + off[g, r, 2 * p + 1]) * scale
-                if not (yy >= -one and yy < fh and xx >= -one and xx < fw):  # NaN: False
-                    g_off[blk, g, r, 2 * p] = zero
-                    g_off[blk, g, r, 2 * p + 1] = zero
-                    g_mask[blk, g, r, p] = zero
+            by = vsplat(x.dtype.type(ho * s_h + b_h))
+            bx = vsplat(x.dtype.type(wo * s_w + b_w))
+            for v in range(0, n_pts, LANES):
+                j = j_lo + v
+                if r * n_gp + j + LANES <= n_rows * n_gp:  # may read on into the next row
+                    ox, oy = vload2(off, r, 2 * j)
+                    m = vload(mask, r, j)
+                else:  # the last row's last points: through a padded copy
+                    for e in range(n_gp - j):
+                        tail_off[0, 2 * e] = off[r, 2 * (j + e)]
+                        tail_off[0, 2 * e + 1] = off[r, 2 * (j + e) + 1]
+                        tail_mask[0, e] = mask[r, j + e]
+                    ox, oy = vload2(tail_off, 0, 0)
+                    m = vload(tail_mask, 0, 0)
+                _points(table, v, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox, m,
+                        vscale, fh, fw, one)  # fmt: skip
+            for v in range(n_pts):
+                if table[_OK, v] == 0:
+                    for q in range(4):
+                        vstore(lane_sums, q * cols + v, 0, vzero)
+                        dots[q, v] = zero
                     continue
-                m = mask[g, r, p]
-                i00, i01, i10, i11, ly, lx, v00, v01, v10, v11 = _corners(yy, xx, fh, fw, one)
-                hy = one - ly
-                hx = one - lx
-                w00 = hy * hx * v00 * m
-                w01 = hy * lx * v01 * m
-                w10 = ly * hx * v10 * m
-                w11 = ly * lx * v11 * m
-                a00 = np.uint64(pix + i00)
-                a01 = np.uint64(pix + i01)
-                a10 = np.uint64(pix + i10)
-                a11 = np.uint64(pix + i11)
+                cu = np.uint64((g_lo + v // n_p) * c_g + blk * block)
+                a00, a01, a10, a11 = _corner_rows(table, v, pix, width)
+                w00 = table[_W00, v]
+                w01 = table[_W01, v]
+                w10 = table[_W10, v]
+                w11 = table[_W11, v]
                 # One pass over the block's channels, eight at a time: the four dot
-                # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums
-                # (reduced in a fixed tree), and the scatter into gx. Each corner's
-                # read-modify-write completes before the next: corners may share a row.
+                # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums, and
+                # the scatter into gx. Each corner's read-modify-write completes before
+                # the next: corners may share a row.
                 s00 = s01 = s10 = s11 = vzero
                 u00 = vsplat(w00)
                 u01 = vsplat(w01)
@@ -249,6 +401,12 @@ def _backward(
                     vstore(gx, a01, c, vmuladd(vload(gx, a01, c), u01, go))
                     vstore(gx, a10, c, vmuladd(vload(gx, a10, c), u10, go))
                     vstore(gx, a11, c, vmuladd(vload(gx, a11, c), u11, go))
+                if full == cnt:  # lane sums later, eight points at a time
+                    vstore(lane_sums, v, 0, s00)
+                    vstore(lane_sums, cols + v, 0, s01)
+                    vstore(lane_sums, 2 * cols + v, 0, s10)
+                    vstore(lane_sums, 3 * cols + v, 0, s11)
+                    continue
                 d00, d01, d10, d11 = vsum4(s00, s01, s10, s11)
                 for k in range(full, cnt):  # the last cnt % 8 channels, in order
                     c = cu + k
@@ -261,14 +419,52 @@ def _backward(
                     gx[a01, c] += w01 * go
                     gx[a10, c] += w10 * go
                     gx[a11, c] += w11 * go
-                d00 *= v00
-                d01 *= v01
-                d10 *= v10
-                d11 *= v11
-                g_mask[blk, g, r, p] = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-                ms = m * scale
-                g_off[blk, g, r, 2 * p] = (hy * (d01 - d00) + ly * (d11 - d10)) * ms
-                g_off[blk, g, r, 2 * p + 1] = (hx * (d10 - d00) + lx * (d11 - d01)) * ms
+                dots[0, v] = d00
+                dots[1, v] = d01
+                dots[2, v] = d10
+                dots[3, v] = d11
+            for v in range(0, n_pts, LANES):
+                if full == cnt:
+                    for q in range(4):
+                        for e in range(n_pts, v + LANES):  # lanes past the points: zeros
+                            vstore(lane_sums, q * cols + e, 0, vzero)
+                        vstore(dots, q, v, vsum8(lane_sums, q * cols + v))
+                _point_grads(dots, table, v, vscale, vzero, one, grads)
+                j = j_lo + v
+                if v + LANES <= n_pts:
+                    vstore(g_mask_b, ru, j, vload(grads, 0, 0))
+                    vstore2(g_off_b, ru, 2 * j, vload(grads, 1, 0), vload(grads, 2, 0))
+                else:  # the task's last points, lane by lane
+                    for e in range(n_pts - v):
+                        g_mask_b[ru, j + e] = grads[0, e]
+                        g_off_b[ru, 2 * (j + e)] = grads[1, e]
+                        g_off_b[ru, 2 * (j + e) + 1] = grads[2, e]
+
+
+@numba.njit(inline="always")
+def _point_grads(dots, table, v, scale, vzero, one, grads):  # pragma: no cover
+    """Mask and offset gradients of points ``v : v + 8`` into ``grads`` (3, 8).
+
+    From the corners' dot products ``dots`` (4, ·); 0 for points outside the map.
+    """
+    vone = vsplat(one)
+    d00 = vmul(vload(dots, 0, v), vload(table, _V00, v))
+    d01 = vmul(vload(dots, 1, v), vload(table, _V01, v))
+    d10 = vmul(vload(dots, 2, v), vload(table, _V10, v))
+    d11 = vmul(vload(dots, 3, v), vload(table, _V11, v))
+    ly = vload(table, _LY, v)
+    lx = vload(table, _LX, v)
+    hy = vsub(vone, ly)
+    hx = vsub(vone, lx)
+    gm = vmuladd(vmul(vmul(hy, hx), d00), vmul(hy, lx), d01)
+    gm = vmuladd(vmuladd(gm, vmul(ly, hx), d10), vmul(ly, lx), d11)
+    ms = vmul(vload(table, _M, v), scale)
+    gy = vmul(vmuladd(vmul(hy, vsub(d01, d00)), ly, vsub(d11, d10)), ms)
+    gx = vmul(vmuladd(vmul(hx, vsub(d10, d00)), lx, vsub(d11, d01)), ms)
+    ok = vload(table, _OK, v)
+    vstore(grads, 0, 0, vselect(ok, gm, vzero))
+    vstore(grads, 1, 0, vselect(ok, gy, vzero))
+    vstore(grads, 2, 0, vselect(ok, gx, vzero))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -300,31 +496,47 @@ class _Problem:
         self.off = offset.detach().to(dt).contiguous().reshape(self.rows, offset.shape[3])
         self.mask = mask.detach().to(dt).contiguous().reshape(self.rows, mask.shape[3])
         px, py = kernel_points(kernel_size, dilation, remove_center)
-        np_dt = np.float64 if dt == torch.float64 else np.float32
-        self.kx, self.ky = np.array(px, dtype=np_dt), np.array(py, dtype=np_dt)
+        self.np_dtype = np.float64 if dt == torch.float64 else np.float32
+        self.kx, self.ky = np.array(px, dtype=self.np_dtype), np.array(py, dtype=self.np_dtype)
         c_h = dilation[0] * (kernel_size[0] - 1) // 2
         c_w = dilation[1] * (kernel_size[1] - 1) // 2
-        self.geo = np.array(
-            [stride[0], stride[1], c_h - padding[0], c_w - padding[1]], dtype=np.int64
-        )
-        self.scale = np_dt(offset_scale)
+        self.stride = stride
+        self.base = (c_h - padding[0], c_w - padding[1])  # the sampling grid's origin
+        self.scale = self.np_dtype(offset_scale)
 
     def common(self) -> tuple[object, ...]:
         return (self.x.numpy(), self.off.numpy(), self.mask.numpy())
 
-    def geometry(self) -> tuple[object, ...]:
-        return (
-            self.height, self.width, self.h_out, self.w_out, self.group, self.kx, self.ky,
-            self.geo, self.scale,
-        )  # fmt: skip
+    def sizes(self) -> tuple[object, ...]:
+        return (self.height, self.width, self.h_out, self.w_out, self.group)
+
+    def _padded(self, values: np.ndarray) -> np.ndarray:
+        """(1, len + 8): the kernels load eight entries from any index below len."""
+        out = np.zeros((1, len(values) + LANES), dtype=self.np_dtype)
+        out[0, : len(values)] = values
+        return out
+
+    def points_per_row(self) -> tuple[object, ...]:
+        """The kernel points tiled over the groups, and ``(s_h, s_w, base_h, base_w)``."""
+        geo = np.array([*self.stride, *self.base], dtype=np.int64)
+        return (self._padded(np.tile(self.kx, self.group)),
+                self._padded(np.tile(self.ky, self.group)), geo)  # fmt: skip
 
 
-def _channel_block(n: int, group: int, c_g: int) -> int:
-    """Channels per backward task: all of a group's, split while there are few tasks."""
+def _task_split(n: int, group: int, c_g: int) -> tuple[int, int]:
+    """Groups and channels per backward task: whole images, split while there are few tasks.
+
+    A task walks whole rows of x and gx (all groups) where it can: a group's channels
+    alone are a short piece of each row, and their rows, a power of two apart in
+    memory, would compete for a few cache sets. Groups are split first, then channels.
+    """
+    per_range = group
+    while n * -(-group // per_range) < _MIN_TASKS and per_range > 1:
+        per_range = -(-per_range // 2)
     block = c_g
-    while n * group * -(-c_g // block) < _MIN_TASKS and block >= 2 * _MIN_BLOCK:
+    while n * -(-group // per_range) * -(-c_g // block) < _MIN_TASKS and block >= 2 * _MIN_BLOCK:
         block = -(-block // 2)
-    return max(1, block)
+    return per_range, max(1, block)
 
 
 @_numba_threads.scoped
@@ -349,7 +561,9 @@ def forward(
                  offset_scale, remove_center)  # fmt: skip
     out = torch.empty(p.rows, p.channels, dtype=p.dtype)
     if p.rows > 0:
-        _numba_threads.launch(_forward, *p.common(), out.numpy(), *p.geometry())
+        _numba_threads.launch(
+            _forward, *p.common(), out.numpy(), *p.sizes(), *p.points_per_row(), p.scale
+        )
     return out.reshape(p.n, p.h_out, p.w_out, p.channels).to(input.dtype)
 
 
@@ -376,26 +590,24 @@ def backward(
     p = _Problem(input, offset, mask, kernel_size, stride, padding, dilation, group,
                  offset_scale, remove_center)  # fmt: skip
     c_g = p.channels // group
-    block = _channel_block(p.n, group, c_g)
+    per_range, block = _task_split(p.n, group, c_g)
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
-    n_p = len(p.kx)
-    off = p.off.reshape(p.rows, group, 2 * n_p).transpose(0, 1).contiguous()
-    mask_g = p.mask.reshape(p.rows, group, n_p).transpose(0, 1).contiguous()
     gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
-    g_off = p.x.new_empty(n_blocks, *off.shape)
-    g_mask = p.x.new_empty(n_blocks, *mask_g.shape)
+    g_off = p.x.new_empty(n_blocks, *p.off.shape)
+    g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
     if p.rows > 0:
         _numba_threads.launch(
-            _backward, p.x.numpy(), off.numpy(), mask_g.numpy(), gout.numpy(), gx.numpy(),
-            g_off.numpy(), g_mask.numpy(), *p.geometry(), block,
+            _backward, *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
+            *p.sizes(), *p.points_per_row(), p.scale, block, per_range,
         )  # fmt: skip
+    else:
+        g_off.zero_()
+        g_mask.zero_()
     grad_off, grad_m = g_off[0], g_mask[0]
     for i in range(1, n_blocks):  # a fixed order: reproducible
         grad_off = grad_off + g_off[i]
         grad_m = grad_m + g_mask[i]
-    grad_off = grad_off.transpose(0, 1)  # back to (N·L, G, P·2)
-    grad_m = grad_m.transpose(0, 1)
     return (
         gx.reshape(input.shape).to(input.dtype),
         grad_off.reshape(offset.shape).to(offset.dtype),

@@ -18,7 +18,10 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["LANES", "Vec", "vload", "vmuladd", "vsplat", "vstore", "vsum4"]
+__all__ = [
+    "LANES", "Vec", "vadd", "vfloor", "vge", "vload", "vload2", "vlt", "vmax", "vmin", "vmul",
+    "vmuladd", "vselect", "vsplat", "vstore", "vstore2", "vsub", "vsum4", "vsum8",
+]  # fmt: skip
 
 #: Lanes of a vector (one AVX register of float32).
 LANES = 8
@@ -101,6 +104,122 @@ def vmuladd(typingctx: Any, acc: Any, u: Any, v: Any) -> Any:
 
 
 @intrinsic
+def vmul(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u·v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fmul(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u + v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fadd(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vsub(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u - v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fsub(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vfloor(typingctx: Any, v: Any) -> Any:
+    """Lane-wise ``floor(v)`` (one rounding instruction)."""
+    sig = v(v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = args[0].type
+        suffix = f"v{LANES}f{vty.element.intrinsic_name[1:]}"  # llvm.floor.v8f32
+        fnty = ir.FunctionType(vty, [vty])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.floor.{suffix}")
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+def _compare(op: str) -> Any:
+    def typer(typingctx: Any, u: Any, v: Any) -> Any:
+        sig = u(u, v)
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.uitofp(builder.fcmp_ordered(op, args[0], args[1]), args[0].type)
+
+        return sig, codegen
+
+    return typer
+
+
+vge = intrinsic(_compare(">="))
+vge.__doc__ = "Lane-wise ``1.0 if u >= v else 0.0`` (0.0 where a lane is NaN)."
+vlt = intrinsic(_compare("<"))
+vlt.__doc__ = "Lane-wise ``1.0 if u < v else 0.0`` (0.0 where a lane is NaN)."
+
+
+def _pick(op: str) -> Any:
+    def typer(typingctx: Any, u: Any, v: Any) -> Any:
+        sig = u(u, v)
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.select(builder.fcmp_ordered(op, args[0], args[1]), args[0], args[1])
+
+        return sig, codegen
+
+    return typer
+
+
+vmin = intrinsic(_pick("<"))
+vmin.__doc__ = "Lane-wise ``u if u < v else v`` (for lanes that are not NaN)."
+vmax = intrinsic(_pick(">"))
+vmax.__doc__ = "Lane-wise ``u if u > v else v`` (for lanes that are not NaN)."
+
+
+@intrinsic
+def vselect(typingctx: Any, cond: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u if cond != 0 else v``: a select (the other side's NaNs stay out)."""
+    sig = u(cond, u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        nonzero = builder.fcmp_unordered("!=", args[0], ir.Constant(args[0].type, None))
+        return builder.select(nonzero, args[1], args[2])
+
+    return sig, codegen
+
+
+@intrinsic
+def vload2(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+    """``a[r, c : c + 16]`` split into its even and odd elements (two vectors)."""
+    sig = types.UniTuple(Vec(a.dtype), 2)(a, r, c)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        lane = context.get_value_type(a.dtype)
+        wide = ir.VectorType(lane, 2 * LANES)
+        ptr = lanes_pointer(context, builder, sig.args[0], *args)
+        align = context.get_abi_sizeof(lane)
+        both = builder.load(builder.bitcast(ptr, wide.as_pointer()), align=align)
+        i32 = ir.IntType(32)
+        even = ir.Constant(ir.VectorType(i32, LANES), list(range(0, 2 * LANES, 2)))
+        odd = ir.Constant(ir.VectorType(i32, LANES), list(range(1, 2 * LANES, 2)))
+        items = [builder.shuffle_vector(both, both, even), builder.shuffle_vector(both, both, odd)]
+        return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
+
+
+@intrinsic
 def vsum4(typingctx: Any, v0: Any, v1: Any, v2: Any, v3: Any) -> Any:
     """The lane sums of four vectors, by lane shuffles.
 
@@ -123,5 +242,66 @@ def vsum4(typingctx: Any, v0: Any, v1: Any, v2: Any, v3: Any) -> Any:
         s = builder.fadd(pick(t01, t23, [0, 2, 4, 6]), pick(t01, t23, [1, 3, 5, 7]))
         items = [builder.extract_element(s, i32(i)) for i in range(4)]
         return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
+
+
+@intrinsic
+def vsum8(typingctx: Any, a: Any, r: Any) -> Any:
+    """The lane sums of the eight vectors ``a[r + i, 0:8]`` (i < 8), as one vector.
+
+    Each sum runs in :func:`vsum4`'s tree ``((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))``.
+    """
+    sig = Vec(a.dtype)(a, r)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        vty = context.get_value_type(sig.return_type)
+        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+        zero = context.get_constant(sig.args[1], 0)
+        v = []
+        for i in range(LANES):
+            row = builder.add(args[1], context.get_constant(sig.args[1], i))
+            ptr = lanes_pointer(context, builder, sig.args[0], args[0], row, zero)
+            v.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align))
+
+        def pick(x: Any, y: Any, lanes: list[int]) -> Any:
+            mask = ir.Constant(ir.VectorType(i32, len(lanes)), lanes)
+            return builder.shuffle_vector(x, y, mask)
+
+        # Halves, pairing vectors i and i + 4: z[i] = (h_i | h_{i+4}), h = lo + hi.
+        z = [
+            builder.fadd(pick(v[i], v[i + 4], [0, 1, 2, 3, 8, 9, 10, 11]),
+                         pick(v[i], v[i + 4], [4, 5, 6, 7, 12, 13, 14, 15]))
+            for i in range(4)
+        ]  # fmt: skip
+        # Within each 128-bit half: (h0 + h2, h1 + h3) of two vectors side by side.
+        t = [
+            builder.fadd(pick(z[i], z[i + 1], [0, 1, 8, 9, 4, 5, 12, 13]),
+                         pick(z[i], z[i + 1], [2, 3, 10, 11, 6, 7, 14, 15]))
+            for i in (0, 2)
+        ]  # fmt: skip
+        # Even plus odd: vector i's sum lands in lane i.
+        return builder.fadd(pick(t[0], t[1], [0, 2, 8, 10, 4, 6, 12, 14]),
+                            pick(t[0], t[1], [1, 3, 9, 11, 5, 7, 13, 15]))  # fmt: skip
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore2(typingctx: Any, a: Any, r: Any, c: Any, u: Any, v: Any) -> Any:
+    """``a[r, c : c + 16] = (u0, v0, u1, v1, ...)``, the lanes of two vectors interleaved."""
+    sig = types.none(a, r, c, u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        lanes = [k for i in range(LANES) for k in (i, i + LANES)]
+        both = builder.shuffle_vector(
+            args[3], args[4], ir.Constant(ir.VectorType(i32, 2 * LANES), lanes)
+        )
+        ptr = lanes_pointer(context, builder, sig.args[0], *args[:3])
+        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+        builder.store(both, builder.bitcast(ptr, both.type.as_pointer()), align=align)
+        return context.get_dummy_value()
 
     return sig, codegen

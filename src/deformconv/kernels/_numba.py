@@ -8,10 +8,11 @@ Forward, per chunk of output pixels (rows):
    channel loop vectorises) and written to a column buffer of shape
    (rows, groups, K_h·K_w, C_in/groups): one row per output pixel, each weight group's
    columns contiguous.
-2. one GEMM per weight group. A chunk inside one image computes ``W · columnsᵀ``, which
-   is that image's (C_out, pixels) block of the NCHW output: BLAS writes it in place
-   (row stride H_out·W_out), bias included. A chunk of several whole images computes
-   ``columns · Wᵀ`` (one larger GEMM) and copies the (pixels, C_out) rows to NCHW.
+2. one GEMM per weight group: ``columns · Wᵀ`` into (rows, C_out/groups), copied to
+   NCHW with the bias. A chunk inside one image with no more pixels than output channels
+   (small-batch inference of deep layers) computes ``W · columnsᵀ`` instead, which is
+   the image's (C_out, pixels) block of the NCHW output: BLAS writes it in place (row
+   stride H_out·W_out), bias included, and this orientation is the faster GEMM there.
 
 Backward, per chunk: ``_im2col`` again (columns are recomputed, not stored),
 ``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs), then
@@ -29,10 +30,9 @@ range into one part per thread (``_im2col``, ``_col2im``): Numba's parfor passes
 analyse a loop of one call instead of the whole body. A call with fewer than
 :data:`PARALLEL_MIN_COLUMNS` column elements (or on one thread) runs the body directly
 on the calling thread: no launch cost, and a first small call compiles only the bodies.
-The helpers ``_corners`` and ``_dot4`` are called, not inlined at Numba's level
-(``_corners_fn``, ``_dot4_fn``): Numba types and lowers each once, and LLVM still inlines
-them. Results do not depend on the split: every row and every task is computed by the
-same code, independently of the others.
+``_corners`` is called, not inlined at Numba's level (``_corners_fn``): Numba types and
+lowers it once, and LLVM inlines the call. Results do not depend on the split: every row
+and every task is computed by the same code, independently of the others.
 
 Vectorisation with ``fastmath=False`` (so NaN tests and IEEE semantics hold): inner-loop
 indices are unsigned, which removes Numba's negative-index wraparound (it blocked LLVM's
@@ -123,6 +123,12 @@ def _corners(y, x, height, width, one):  # pragma: no cover
     rx0 = max(ix0, 0)
     rx1 = min(ix0 + 1, width - 1)
     return ry0, ry1, rx0, rx1, ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
+
+
+# ``_corners`` as a called function for this module's kernels: Numba types and lowers it
+# once, where ``inline="always"`` copies and retypes it at every call site (LLVM inlines
+# the call). Same code, so the same results.
+_corners_fn = numba.njit(**_options)(_corners.py_func)
 
 
 @_serial_jit
@@ -245,18 +251,11 @@ def _dot4(a, ra, ca, b, r0, r1, r2, r3, cb, cnt):  # pragma: no cover
     )
 
 
-@numba.njit(**_options)
+@numba.njit(inline="always")
 def _axpy(a, ra, ca, y, ry, cy, cnt, alpha):  # pragma: no cover
     """y[ry, cy + j] += alpha · a[ra, ca + j] for j < cnt."""
     for j in range(cnt):
         y[ry, cy + j] += alpha * a[ra, ca + j]
-
-
-# Called, not inlined, by this module's kernels: Numba types and lowers each once (LLVM
-# still inlines them), where ``inline="always"`` copies and retypes them at every call
-# site. Same code as the inlined originals, so the same results.
-_corners_fn = numba.njit(**_options)(_corners.py_func)
-_dot4_fn = numba.njit(**_options)(_dot4.py_func)
 
 
 @_serial_jit
@@ -343,7 +342,7 @@ def _col2im_tasks(
                     col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
                     cu = np.uint64(c)
                     if want_off:
-                        e00, e01, e10, e11 = _dot4_fn(gcols, r, col, x, i00, i01, i10, i11, cu, cnt)
+                        e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, cnt)
                         d00 += e00
                         d01 += e01
                         d10 += e10
@@ -628,19 +627,18 @@ def forward(
         chunk = cols[: r1 - r0]
         p.im2col(chunk, r0)
         n0, n1 = r0 // p.length, -(-r1 // p.length)  # the images of the chunk
+        l0 = r0 - n0 * p.length  # 0 unless the chunk is a slice of one image
         for g in range(p.groups):
             c_lo, c_hi = g * cog, (g + 1) * cog
             b_g = None if b is None else b[c_lo:c_hi]
-            if n1 - n0 == 1:
-                # Inside one image: W · columnsᵀ is the NCHW output's (C_out, pixels) block
-                # (row stride L), so the GEMM writes it in place, bias included.
-                l0 = r0 - n0 * p.length
-                dst = out_maps[n0, c_lo:c_hi, l0 : l0 + r1 - r0]
-                _gemm(p.w_mat[g], p.group_columns(chunk, g).t(), b_g, dst)
-            else:  # whole images: one GEMM over all their pixels, then to NCHW
+            dst = out_maps[n0:n1, c_lo:c_hi, l0 : l0 + (r1 - r0) // (n1 - n0)]
+            if n1 - n0 == 1 and r1 - r0 <= cog:
+                # Few pixels, many channels: W · columnsᵀ is the NCHW output's
+                # (C_out, pixels) block (row stride L), so BLAS writes it in place.
+                _gemm(p.w_mat[g], p.group_columns(chunk, g).t(), b_g, dst[0])
+            else:  # columns · Wᵀ, the faster GEMM for many pixels, then to NCHW
                 rows_g = torch.mm(p.group_columns(chunk, g), p.w_mat[g].t())
-                maps = rows_g.view(n1 - n0, p.length, cog).transpose(1, 2)
-                dst = out_maps[n0:n1, c_lo:c_hi]
+                maps = rows_g.view(n1 - n0, dst.shape[2], cog).transpose(1, 2)
                 dst.copy_(maps) if b_g is None else torch.add(maps, b_g, out=dst)
     return out.to(input.dtype)
 

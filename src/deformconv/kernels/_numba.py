@@ -8,8 +8,11 @@ Forward, per chunk of output pixels (rows):
    channel loop vectorises) and written to a column buffer of shape
    (rows, groups, K_h·K_w, C_in/groups): one row per output pixel, each weight group's
    columns contiguous.
-2. one GEMM per weight group, ``columns · Wᵀ``, into (rows, C_out), permuted to NCHW
-   at the end.
+2. one GEMM per weight group: ``columns · Wᵀ`` into (rows, C_out/groups), copied to
+   NCHW with the bias. A chunk inside one image with no more pixels than output channels
+   (small-batch inference of deep layers) computes ``W · columnsᵀ`` instead, which is
+   the image's (C_out, pixels) block of the NCHW output: BLAS writes it in place (row
+   stride H_out·W_out), bias included, and this orientation is the faster GEMM there.
 
 Backward, per chunk: ``_im2col`` again (columns are recomputed, not stored),
 ``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs), then
@@ -20,6 +23,16 @@ offset group, block of at most ``CHANNEL_BLOCK`` channels): a task owns a disjoi
 ``grad_input`` and its own partial offset/mask gradient, and the partials are summed
 afterwards in a fixed order. No two threads write the same memory and the task split does
 not depend on the thread count, so the results are bitwise reproducible.
+
+Each kernel is a serial ``cache=True`` body over a range of rows or tasks
+(``_im2col_rows``, ``_col2im_tasks``) and a ``parallel=True`` wrapper that only splits the
+range into one part per thread (``_im2col``, ``_col2im``): Numba's parfor passes then
+analyse a loop of one call instead of the whole body. A call with fewer than
+:data:`PARALLEL_MIN_COLUMNS` column elements (or on one thread) runs the body directly
+on the calling thread: no launch cost, and a first small call compiles only the bodies.
+``_corners`` is called, not inlined at Numba's level (``_corners_fn``): Numba types and
+lowers it once, and LLVM inlines the call. Results do not depend on the split: every row
+and every task is computed by the same code, independently of the others.
 
 Vectorisation with ``fastmath=False`` (so NaN tests and IEEE semantics hold): inner-loop
 indices are unsigned, which removes Numba's negative-index wraparound (it blocked LLVM's
@@ -74,10 +87,17 @@ CHANNEL_BLOCK = 64
 _MIN_TASKS = 2
 _MIN_BLOCK = 32
 
-# The kernels (typed as Any: Numba's stubs do not describe dispatcher calls).
-_jit: Callable[[Any], Any] = numba.njit(
-    parallel=True, cache=True, nogil=True, fastmath=False, error_model="numpy"
-)
+#: Calls with fewer column elements (rows · row width) than this run the serial kernel
+#: body on the calling thread: below it a parallel launch costs more than it saves, and
+#: small problems never compile the parallel wrappers.
+PARALLEL_MIN_COLUMNS = 2**16
+
+# The kernels (typed as Any: Numba's stubs do not describe dispatcher calls): serial
+# bodies over a range of work items, and ``parallel=True`` wrappers that only split that
+# range across threads (see the module docstring).
+_options: dict[str, Any] = {"nogil": True, "fastmath": False, "error_model": "numpy"}
+_jit: Callable[[Any], Any] = numba.njit(parallel=True, cache=True, **_options)
+_serial_jit: Callable[[Any], Any] = numba.njit(cache=True, **_options)
 
 
 @numba.njit(inline="always")
@@ -105,20 +125,27 @@ def _corners(y, x, height, width, one):  # pragma: no cover
     return ry0, ry1, rx0, rx1, ly, lx, vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
 
 
-@_jit
-def _im2col(
-    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg
+# ``_corners`` as a called function for this module's kernels: Numba types and lowers it
+# once, where ``inline="always"`` copies and retypes it at every call site (LLVM inlines
+# the call). Same code, so the same results.
+_corners_fn = numba.njit(**_options)(_corners.py_func)
+
+
+@_serial_jit
+def _im2col_rows(
+    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
 ):  # pragma: no cover
     # x: (N·H·W, C_in), the channels-last input with pixels flattened. off: (N, G, K, 2, L).
     # mask: (N, G, K, L) or a dummy. base_y, base_x: (K, L) sampling grid without offsets.
     # cols: (R, groups·K·C_pg) for the global rows row0 .. row0 + R (row = n·L + l); channel
-    # c of kernel point k goes to column (c // C_pg)·K·C_pg + k·C_pg + c % C_pg.
+    # c of kernel point k goes to column (c // C_pg)·K·C_pg + k·C_pg + c % C_pg. Fills the
+    # local rows r_lo .. r_hi.
     # Inner-loop indices are unsigned (all are >= 0): Numba then skips its negative-index
     # wraparound and LLVM vectorises the channel loop.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
     one = x.dtype.type(1)
-    for r in numba.prange(cols.shape[0]):
+    for r in range(r_lo, r_hi):
         b = (row0 + r) // length
         p_l = (row0 + r) - b * length
         pix = b * height * width
@@ -130,7 +157,7 @@ def _im2col(
                 i00 = i01 = i10 = i11 = np.uint64(pix)
                 if y >= -1 and y < height and xx >= -1 and xx < width:  # False for NaN
                     m = mask[b, g, k, p_l] if has_mask else one
-                    ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners(
+                    ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners_fn(
                         y, xx, height, width, one
                     )
                     hy = one - ly
@@ -157,6 +184,21 @@ def _im2col(
                             + w10 * x[i10, cu + j] + w11 * x[i11, cu + j]
                         )  # fmt: skip
                     c += np.int64(cnt)
+
+
+@_jit
+def _im2col(
+    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, parts
+):  # pragma: no cover
+    # parts: the thread count (an argument: a call to numba.get_num_threads() in the
+    # kernel would keep Numba from caching it).
+    n = cols.shape[0]
+    for part in numba.prange(parts):
+        p = np.int64(part)  # prange's index is unsigned in the parallel build
+        _im2col_rows(
+            x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg,
+            n * p // parts, n * (p + 1) // parts,
+        )  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -216,8 +258,8 @@ def _axpy(a, ra, ca, y, ry, cy, cnt, alpha):  # pragma: no cover
         y[ry, cy + j] += alpha * a[ra, ca + j]
 
 
-@_jit
-def _col2im(
+@_serial_jit
+def _col2im_tasks(
     x,
     height,
     width,
@@ -233,9 +275,13 @@ def _col2im(
     g_off,
     g_mask,
     block,
+    n_blocks,
     want_gx,
     want_off,
+    t_lo,
+    t_hi,
 ):  # pragma: no cover
+    # Runs tasks t_lo .. t_hi of the chunk (a task: see below).
     # x, gx: (N·H·W, C_in) channels-last input and grad_input (accumulated into).
     # want_gx / want_off False: skip the input gradient / the offset and mask gradients
     # (gx / g_off and g_mask are then dummies, never written).
@@ -244,17 +290,15 @@ def _col2im(
     # channel block of ``block`` channels (B_c = ceil(C_per / block)), written for every row
     # of the chunk.
     # Task (image, offset group, channel block) owns gx[image's pixels, block's channels]
-    # and g_off[block, image, group]: no two tasks write the same element.
+    # and g_off[block, image, group]: no two tasks write the same element. Task t is
+    # (image b_first + t // (G·B_c), group (t // B_c) % G, block t % B_c).
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
-    n_blocks = g_off.shape[0]
     rows = gcols.shape[0]
     b_first = row0 // length
-    b_last = (row0 + rows - 1) // length
-    n_tasks = (b_last - b_first + 1) * n_off * n_blocks
     one = x.dtype.type(1)
     zero = one - one
-    for t in numba.prange(n_tasks):
+    for t in range(t_lo, t_hi):
         b = b_first + t // (n_off * n_blocks)
         g = (t // n_blocks) % n_off
         blk = t % n_blocks
@@ -275,7 +319,9 @@ def _col2im(
                         g_mask[blk, b, g, k, p_l] = zero
                     continue
                 m = mask[b, g, k, p_l] if has_mask else one
-                ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners(y, xx, height, width, one)
+                ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners_fn(
+                    y, xx, height, width, one
+                )
                 hy = one - ly
                 hx = one - lx
                 w00 = hy * hx * v00 * m
@@ -319,6 +365,38 @@ def _col2im(
                 g_off[blk, b, g, k, 0, p_l] = acc_y * m
                 g_off[blk, b, g, k, 1, p_l] = acc_x * m
                 g_mask[blk, b, g, k, p_l] = acc_m
+
+
+@_jit
+def _col2im(
+    x,
+    height,
+    width,
+    off,
+    mask,
+    has_mask,
+    base_y,
+    base_x,
+    gcols,
+    row0,
+    c_pg,
+    gx,
+    g_off,
+    g_mask,
+    block,
+    n_blocks,
+    want_gx,
+    want_off,
+    n_tasks,
+    parts,
+):  # pragma: no cover
+    for part in numba.prange(parts):
+        p = np.int64(part)  # prange's index is unsigned in the parallel build
+        _col2im_tasks(
+            x, height, width, off, mask, has_mask, base_y, base_x, gcols, row0, c_pg, gx,
+            g_off, g_mask, block, n_blocks, want_gx, want_off, n_tasks * p // parts,
+            n_tasks * (p + 1) // parts,
+        )  # fmt: skip
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -392,6 +470,30 @@ def _base_grid(
     return (ky[:, None] + oy[None, :]).contiguous(), (kx[:, None] + ox[None, :]).contiguous()
 
 
+def _gemm(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """``out = a · b (+ bias)``; ``out`` may be a strided view (BLAS writes it in place)."""
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+def _parallel(columns: int) -> bool:
+    """Whether a kernel call over ``columns`` column elements runs on several threads."""
+    return columns >= PARALLEL_MIN_COLUMNS and numba.get_num_threads() > 1
+
+
+def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """(C_out, C_pg, K_h, K_w) -> (groups, C_out/groups, K·C_pg), in ``dtype``.
+
+    Each output channel's weights in the columns' order. Only (C_pg, K) swaps, within one
+    output channel's weights (in cache); the GEMMs read it transposed where they need to.
+    """
+    c_out, c_pg, k_h, k_w = weight.shape
+    w = weight.detach().to(dtype).reshape(groups, c_out // groups, c_pg, k_h * k_w)
+    return w.transpose(2, 3).reshape(groups, c_out // groups, k_h * k_w * c_pg)
+
+
 class _Problem:
     """Inputs in the compute dtype and layout the kernels use, plus the geometry."""
 
@@ -427,15 +529,7 @@ class _Problem:
         self.base_y, self.base_x = _base_grid(
             k_h, k_w, self.h_out, self.w_out, stride, padding, dilation, dt
         )
-        # (C_out, C_pg, K_h, K_w) -> (groups, C_out/groups, K·C_pg): each output channel's
-        # weights in the columns' order. Only (C_pg, K) swaps, within one output channel's
-        # weights (in cache); the GEMMs read it transposed where they need to.
-        w = (
-            weight.detach()
-            .to(dt)
-            .reshape(self.groups, self.c_out // self.groups, self.c_pg, self.k)
-        )
-        self.w_mat = w.transpose(2, 3).reshape(self.groups, -1, self.k * self.c_pg)
+        self.w_mat = _weight_matrix(weight, self.groups, dt)
 
     @property
     def row_width(self) -> int:
@@ -452,7 +546,11 @@ class _Problem:
         if self.height * self.width == 0:  # an empty map: every sample reads 0
             cols.zero_()
             return
-        _numba_threads.launch(_im2col, *self._common(), cols.numpy(), r0, self.c_pg)
+        args = (*self._common(), cols.numpy(), r0, self.c_pg)
+        if _parallel(cols.numel()):
+            _numba_threads.launch(_im2col, *args, numba.get_num_threads())
+        else:
+            _im2col_rows(*args, 0, cols.shape[0])
 
     def col2im(
         self,
@@ -462,6 +560,7 @@ class _Problem:
         g_off: Tensor | None,
         g_mask: Tensor | None,
         block: int,
+        n_blocks: int,
     ) -> None:
         """Scatter ``gcols`` into ``gx`` and write the offset / mask gradient partials.
 
@@ -474,12 +573,18 @@ class _Problem:
             return
         dummy = np.zeros((1,) * 6, dtype=self.x2.numpy().dtype)
         gx2 = dummy[0, 0, 0, 0] if gx is None else gx.reshape(-1, self.c_in).numpy()
-        _numba_threads.launch(
-            _col2im, *self._common(), gcols.numpy(), r0, self.c_pg, gx2,
+        images = (r0 + gcols.shape[0] - 1) // self.length - r0 // self.length + 1
+        n_tasks = images * self.n_off * n_blocks
+        args = (
+            *self._common(), gcols.numpy(), r0, self.c_pg, gx2,
             dummy if g_off is None else g_off.numpy(),
-            dummy[0] if g_mask is None else g_mask.numpy(), block, gx is not None,
-            g_off is not None,
+            dummy[0] if g_mask is None else g_mask.numpy(), block, n_blocks,
+            gx is not None, g_off is not None,
         )  # fmt: skip
+        if _parallel(gcols.numel()):
+            _numba_threads.launch(_col2im, *args, n_tasks, numba.get_num_threads())
+        else:
+            _col2im_tasks(*args, 0, n_tasks)
 
     def group_columns(self, cols: Tensor, g: int) -> Tensor:
         """(R, K·C_pg) view of weight group g's columns (row stride = row_width)."""
@@ -510,9 +615,10 @@ def forward(
     if _numba_direct.prefers_direct(input.shape[1], weight.shape[0], groups):
         return _numba_direct.forward(input, offset, mask, weight, bias, stride, padding, dilation)
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
-    total = p.n * p.length
     cog = p.c_out // p.groups
-    out_rows = torch.empty(p.groups, total, cog, dtype=p.dtype)
+    out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
+    out_maps = out.view(p.n, p.c_out, p.length)
+    b = None if bias is None else bias.detach().to(p.dtype).reshape(p.c_out, 1)
     row_bytes = p.row_width * p.x.element_size()
     chunks = _chunks(p.n, p.length, row_bytes, min(WORKSPACE_BYTES, _FORWARD_CHUNK_BYTES))
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
@@ -520,16 +626,20 @@ def forward(
     for r0, r1 in chunks:
         chunk = cols[: r1 - r0]
         p.im2col(chunk, r0)
+        n0, n1 = r0 // p.length, -(-r1 // p.length)  # the images of the chunk
+        l0 = r0 - n0 * p.length  # 0 unless the chunk is a slice of one image
         for g in range(p.groups):
-            torch.mm(p.group_columns(chunk, g), p.w_mat[g].t(), out=out_rows[g, r0:r1])
-    # (groups, N·L, C_out/groups) -> (N, C_out, H_out, W_out), bias added in the same pass.
-    rows_view = out_rows.reshape(p.groups, p.n, p.length, cog).permute(1, 0, 3, 2)
-    rows_view = rows_view.reshape(p.n, p.c_out, p.h_out, p.w_out)
-    out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
-    if bias is None:
-        out.copy_(rows_view)
-    else:
-        torch.add(rows_view, bias.to(p.dtype).reshape(1, p.c_out, 1, 1), out=out)
+            c_lo, c_hi = g * cog, (g + 1) * cog
+            b_g = None if b is None else b[c_lo:c_hi]
+            dst = out_maps[n0:n1, c_lo:c_hi, l0 : l0 + (r1 - r0) // (n1 - n0)]
+            if n1 - n0 == 1 and r1 - r0 <= cog:
+                # Few pixels, many channels: W · columnsᵀ is the NCHW output's
+                # (C_out, pixels) block (row stride L), so BLAS writes it in place.
+                _gemm(p.w_mat[g], p.group_columns(chunk, g).t(), b_g, dst[0])
+            else:  # columns · Wᵀ, the faster GEMM for many pixels, then to NCHW
+                rows_g = torch.mm(p.group_columns(chunk, g), p.w_mat[g].t())
+                maps = rows_g.view(n1 - n0, dst.shape[2], cog).transpose(1, 2)
+                dst.copy_(maps) if b_g is None else torch.add(maps, b_g, out=dst)
     return out.to(input.dtype)
 
 
@@ -609,7 +719,7 @@ def backward(
             else:
                 p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g])
         if gx is not None or g_off is not None:
-            p.col2im(gchunk, r0, gx, g_off, g_mask, block)
+            p.col2im(gchunk, r0, gx, g_off, g_mask, block, n_blocks)
     grad_input: Tensor | None = None
     grad_offset: Tensor | None = None
     grad_mask: Tensor | None = None

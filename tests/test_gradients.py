@@ -72,3 +72,31 @@ def test_offset_gradient_is_zero_for_non_finite_offsets(backend):
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(offset.grad).all()
     torch.testing.assert_close(offset.grad[:, :6], torch.zeros_like(offset.grad[:, :6]))
+
+
+@pytest.mark.parametrize("frozen", ["offset_weight", "weight_only"])
+def test_gradient_of_one_argument_covers_every_channel(backend, frozen):
+    """Only some arguments need a gradient, on layers wider than a kernel's channel block.
+
+    Kernels skip the gradients nobody asked for; the input gradient must still cover every
+    channel (128 per offset group here, more than one block of the fast kernels).
+    """
+    if backend == "reference":
+        pytest.skip("the reference backend is this test's oracle")
+    cfg = Config(batch=1, in_channels=128, out_channels=8, size=(6, 6), mask=True)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64, offset_scale=1.0)
+    frozen_names = {"offset_weight": ("offset", "weight", "mask"), "weight_only": ("weight",)}
+    tensors = {"input": x, "offset": offset, "weight": weight, "mask": mask}
+    leaves = {k: t.requires_grad_(k not in frozen_names[frozen]) for k, t in tensors.items()}
+    wanted = [t for t in leaves.values() if t.requires_grad]
+    grad_out = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with deformconv.use_backend(backend):
+        out = deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"], bias,
+                            padding=1, mask=leaves["mask"])  # fmt: skip
+    got = torch.autograd.grad(out, wanted, grad_out)
+    with deformconv.use_backend("reference"):
+        out = deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"], bias,
+                            padding=1, mask=leaves["mask"])  # fmt: skip
+        expected = torch.autograd.grad(out, wanted, grad_out)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["LANES", "Vec", "vload", "vmuladd", "vsplat", "vstore", "vsum4"]
+__all__ = ["LANES", "Vec", "vload", "vmul", "vmuladd", "vsplat", "vstore", "vsum4"]
 
 #: Lanes of a vector (one AVX register of float32).
 LANES = 8
@@ -85,6 +85,17 @@ def vsplat(typingctx: Any, s: Any) -> Any:
         v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], i32(0))
         zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
         return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmul(typingctx: Any, u: Any, v: Any) -> Any:
+    """Lane-wise ``u·v``."""
+    sig = u(u, v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fmul(args[0], args[1])
 
     return sig, codegen
 

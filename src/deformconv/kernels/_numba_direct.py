@@ -552,6 +552,125 @@ def _backward(
                             )
 
 
+#: Tiles per task of :func:`_forward_vectors` (32 rows: each task fills whole cache lines
+#: of every output channel it writes).
+_TILES_PER_TASK = 8
+
+
+@numba.njit(inline="always")
+def _sample_rows(
+    x, height, width, off, mask, has_mask, base_y, base_x, b, l0, length, pix, c_pg, smp
+):  # pragma: no cover
+    # smp[r·groups + wg, k·C_pg + i]: the sample of channel wg·C_pg + i at kernel point k
+    # for the tile's row r (0 where there is none), eight channels at a time.
+    n_off, n_k = off.shape[1], off.shape[2]
+    groups = x.shape[1] // c_pg
+    c_per = x.shape[1] // n_off
+    one = x.dtype.type(1)
+    zero = one - one
+    vzero = vsplat(zero)
+    lanes = np.uint64(LANES)
+    for r in range(_TILE):
+        p_l = l0 + r
+        for k in range(n_k):
+            for g in range(n_off):
+                c0 = g * c_per
+                ok = False
+                y = xx = zero
+                if p_l < length:
+                    y = base_y[k, p_l] + off[b, g, k, 0, p_l]
+                    xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
+                    ok = y >= -1 and y < height and xx >= -1 and xx < width  # NaN: False
+                m = mask[b, g, k, p_l] if has_mask and ok else one
+                t = (np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), zero, zero, zero, zero)
+                if ok:
+                    i00, i01, i10, i11, w00, w01, w10, w11, _, _, _, _, _, _ = _geometry(
+                        y, xx, height, width, pix, m, one
+                    )
+                    t = (i00, i01, i10, i11, w00, w01, w10, w11)
+                wg = c0 // c_pg
+                col = np.uint64(k * c_pg + c0 - wg * c_pg)
+                end = np.uint64((k + 1) * c_pg)
+                for c in range(np.uint64(c0), np.uint64(c0 + c_per), lanes):
+                    v = _bilinear(x, t, c) if ok else vzero
+                    vstore(smp, np.uint64(r * groups + wg), col, v)
+                    col += lanes
+                    if col == end:  # the next weight group
+                        wg += 1
+                        col -= np.uint64(c_pg)
+
+
+@_jit
+def _forward_vectors(
+    x, height, width, off, mask, has_mask, base_y, base_x, w2, c_pg, bias, out
+):  # pragma: no cover
+    # Weight groups and offset groups of multiples of 8 channels. w2: (C_out, K·C_pg),
+    # w2[o, k·C_pg + i] = weight[o, i, k]. out: (N, C_out, L), channels-first. Per tile of
+    # four rows (consecutive pixels of one image): the samples go to smp (rows as
+    # w2's, per weight group); then output o = wg·cog + j of row r is the dot product of
+    # w2[o] and smp[r·groups + wg], in eight lanes per row, reduced for the four rows by
+    # one vsum4. Two output channels at a time: each sample vector serves two, each
+    # weight vector four rows.
+    n_img, n_k, length = off.shape[0], off.shape[2], off.shape[4]
+    n_ch = x.shape[1]
+    groups = n_ch // c_pg
+    cog = w2.shape[0] // groups
+    span = np.uint64(n_k * c_pg)
+    tiles = (length + _TILE - 1) // _TILE
+    tasks_per_img = (tiles + _TILES_PER_TASK - 1) // _TILES_PER_TASK
+    lanes = np.uint64(LANES)
+    vzero = vsplat(x.dtype.type(0))
+    for t in numba.prange(n_img * tasks_per_img):
+        b = t // tasks_per_img
+        first = (t - b * tasks_per_img) * _TILES_PER_TASK
+        pix = b * height * width
+        smp = np.empty((_TILE * groups, n_k * c_pg), dtype=x.dtype)
+        for tile in range(first, min(tiles, first + _TILES_PER_TASK)):
+            l0 = tile * _TILE
+            _sample_rows(
+                x, height, width, off, mask, has_mask, base_y, base_x, b, l0, length, pix,
+                c_pg, smp,
+            )  # fmt: skip
+            for wg in range(groups):
+                s0 = np.uint64(wg)
+                s1 = np.uint64(groups + wg)
+                s2 = np.uint64(2 * groups + wg)
+                s3 = np.uint64(3 * groups + wg)
+                for j in range(0, cog, 2):
+                    o = np.uint64(wg * cog + j)
+                    p = o + np.uint64(1) if j + 1 < cog else o  # an odd cog repeats the last
+                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = vzero
+                    for q in range(np.uint64(0), span, lanes):
+                        wa = vload(w2, o, q)
+                        wb = vload(w2, p, q)
+                        v = vload(smp, s0, q)
+                        a0 = vmuladd(a0, wa, v)
+                        b0 = vmuladd(b0, wb, v)
+                        v = vload(smp, s1, q)
+                        a1 = vmuladd(a1, wa, v)
+                        b1 = vmuladd(b1, wb, v)
+                        v = vload(smp, s2, q)
+                        a2 = vmuladd(a2, wa, v)
+                        b2 = vmuladd(b2, wb, v)
+                        v = vload(smp, s3, q)
+                        a3 = vmuladd(a3, wa, v)
+                        b3 = vmuladd(b3, wb, v)
+                    _store_tile(out, b, o, l0, length, bias[o], vsum4(a0, a1, a2, a3))
+                    _store_tile(out, b, p, l0, length, bias[p], vsum4(b0, b1, b2, b3))
+
+
+@numba.njit(inline="always")
+def _store_tile(out, b, o, l0, length, bias, sums):  # pragma: no cover
+    """``out[b, o, l0 + r] = bias + sums[r]`` for the tile's rows that exist."""
+    out[b, o, l0] = sums[0] + bias
+    if l0 + 1 < length:
+        out[b, o, l0 + 1] = sums[1] + bias
+    if l0 + 2 < length:
+        out[b, o, l0 + 2] = sums[2] + bias
+    if l0 + 3 < length:
+        out[b, o, l0 + 3] = sums[3] + bias
+
+
 #: Channels per task of :func:`_to_channels_first` (16 float32: one cache line per pixel).
 _TRANSPOSE_BLOCK = 16
 
@@ -679,11 +798,13 @@ def forward(
     b = torch.zeros(p.c_out, dtype=p.dtype) if bias is None else bias.detach().to(p.dtype)
     if not p.depthwise:  # writes channels-first itself
         out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
+        vectors = p.c_pg % LANES == 0 and (p.c_in // p.n_off) % LANES == 0
+        w_rows = p.weight.reshape(p.c_out, p.c_pg, p.k).transpose(1, 2).reshape(p.c_out, -1)
         if out.numel() > 0:
             _numba_threads.launch(
-                _forward_grouped,
+                _forward_vectors if vectors else _forward_grouped,
                 *p.common(),
-                p.w_t().numpy(),
+                w_rows.numpy() if vectors else p.w_t().numpy(),
                 p.c_pg,
                 b.contiguous().numpy(),
                 out.reshape(p.n, p.c_out, p.length).numpy(),

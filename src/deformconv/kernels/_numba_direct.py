@@ -7,45 +7,68 @@ buffer. Here each output pixel instead reads its bilinear samples and multiplies
 its group's few weights right away.
 
 Layout: the input, ``grad_output`` and the gradients are channels-last, pixels flattened,
-(N·H·W, C) and (N·H_out·W_out, C_out), so every loop over channels is contiguous and
-vectorises; so is the depthwise output. The other forward writes its output
-channels-first directly (see below).
+(N·H·W, C) and (N·H_out·W_out, C_out), so every loop over channels is contiguous; so is
+the depthwise output. The other forward writes its output channels-first directly (see
+below). The input and ``grad_output`` copies end in one zero row, which a missing sample
+or a missing row of a tile reads.
+
+Numba runs LLVM without its SLP vectoriser, and without fastmath the loop vectoriser
+leaves floating-point reductions scalar; the hot loops therefore spell out their vectors
+with :mod:`deformconv.kernels._simd` (eight channels per ``<8 x float>``, operations in
+the order written: no reassociation, no FMA contraction).
 
 Forward, parallel over blocks of output pixels (rows):
 
 - depthwise (one input and one output channel per group): for every kernel point the
   bilinear corners are found once per offset group, and ``out[row, c] += w[k, c] · m ·
   bilinear(x[:, c])`` runs over the group's channels;
+- weight and offset groups of multiples of 8 channels (ResNeXt's 8 and 16): per tile of
+  four rows (consecutive pixels of one image) the samples of every channel and kernel
+  point go to a buffer laid out like the weight, ``[row, group][k·C_pg + i]``; output
+  channel ``o`` of row ``r`` is then one contiguous dot product of the weight row ``o``
+  and the row's samples of ``o``'s group, in eight lanes, for two output channels and
+  the four rows at once (each weight vector serves four rows, each sample vector two
+  outputs); one ``vsum4`` reduces the four rows' lanes, and the four values go straight
+  into the channels-first output;
 - other narrow groups: per row and kernel point the samples of all channels go to a
   small buffer, and ``P[j, c] += w[k, j, c] · sample[c]`` accumulates every output
   channel ``j`` of each channel's group in loops over all channels (contiguous,
-  vectorised); output channel ``j`` of group ``g`` is then the sum of ``P[j, c]`` over
-  ``g``'s channels, stored straight into the channels-first output: a task's rows are
-  consecutive pixels, so it fills whole cache lines of each output channel, and no
-  transpose pass over channels-last rows is needed.
+  vectorised by LLVM); output channel ``j`` of group ``g`` is then the sum of ``P[j, c]``
+  over ``g``'s channels, stored straight into the channels-first output.
+
+A forward task's rows are consecutive pixels, so it fills whole cache lines of each
+output channel, and no transpose pass over channels-last rows is needed.
 
 Backward, parallel over tasks (slot of images, offset group, block of channels). A task
-visits every output pixel of its images and every kernel point; for each channel ``c`` of
-its block it computes the gradient of the sample, ``gs = Σ_j grad_out[row, j] · w[j, c,
-k]`` over the output channels ``j`` of ``c``'s group, and from it
+zeroes its part of ``grad_input``, then visits the output pixels of its images in tiles
+of four rows; per tile and kernel point it finds the four rows' corners once, then
 
-- ``grad_input``: ``gs · m · corner weight`` added at the four corners; the task owns
-  these elements (its images, its channels);
-- offset and mask gradients: the four dot products ``Σ_c gs · x[corner, c]`` over the
-  block's channels, written as the block's partial;
-- ``grad_weight``: ``grad_out[row, j] · sample`` added to the slot's partial, which the
-  task owns for its channels.
+- pass A, eight channels ``c`` at a time: the samples of the four rows and, over the
+  output channels ``j`` of ``c``'s group, the sample gradients ``gs[r, c] = Σ_j
+  grad_out[r, j] · w[k, j, c]`` and ``grad_weight[k, j, c] += Σ_r grad_out[r, j] ·
+  sample[r, c]``: each weight vector and weight-gradient vector is loaded once for the
+  four rows (``grad_out[r, j]`` is one value broadcast to the vector when a group has a
+  multiple of 8 channels, the row itself for depthwise, else a per-tile copy expanded to
+  channels);
+- pass B, per row with a sample: ``gs · m · corner weight`` added to ``grad_input`` at
+  the four corners (the task owns these elements: its images, its channels), and the
+  four dot products ``Σ_c gs · x[corner, c]`` in lanes reduced by a fixed tree, from
+  which the offset and mask gradients follow (written as the block's partial).
 
-The partials (one per channel block for offset and mask, one per slot for the weight) are
-summed afterwards in a fixed order. No two tasks write the same memory and the task split
-depends only on the shapes, never on the thread count: results are bitwise reproducible.
+Channels past the last multiple of 8 of a block run the same sums one at a time, in the
+same order. ``grad_weight`` goes to the slot's partial, which the task owns for its
+channels. The partials (one per channel block for offset and mask, one per slot for the
+weight) are summed afterwards in a fixed order. No two tasks write the same memory, the
+task split depends only on the shapes, never on the thread count, and every sum runs in
+a fixed order: results are bitwise reproducible.
 
 The depthwise output and ``grad_input`` go back to channels-first through a blocked Numba
 transpose, about twice as fast as torch's strided copy of that permutation.
 
 Memory: besides the channels-last copies of the input, ``grad_output`` and the gradients,
 the partials take ``min(N, SLOTS)`` weight-sized and ``ceil(C_in / G / block)``
-offset-sized buffers, and each task a few rows of scratch. No column buffer.
+offset-sized buffers, and each task a few rows of scratch (a forward task: four rows'
+samples of every kernel point). No column buffer.
 
 Safety: as in :mod:`deformconv.kernels._numba` (positions are range-checked with
 comparisons that are False for NaN before they are turned into indices; corner indices
@@ -427,13 +450,13 @@ def _backward(
     # x: (N·H·W + 1, C_in) channels-last input and a last, zero pixel. go: (N·L + 1, C_out)
     # channels-last grad_output and a last, zero row. w2: (K·cog, C_in), row k·cog + j as
     # w_t[k, j] of _forward_grouped. go_base: (C_in,) int64, the first output channel of
-    # each input channel's group. gx: (N·H·W, C_in), accumulated. g_off: (B_c, N, G, K, 2,
-    # L), g_mask: (B_c, N, G, K, L): one partial per channel block (B_c = n_blocks).
-    # gw2: (S·K·cog, C_in), row (s·K + k)·cog + j: one partial per slot (S = n_slots; slot
-    # s holds images s, s + S, ...). All zero-initialised; a partial that is not needed may
-    # be a dummy, never written. Task (slot, offset group, channel block) owns gx[its
-    # images' pixels, its channels], g_off[block, its images, group] and gw2[slot's rows,
-    # its channels]: no two tasks share memory.
+    # each input channel's group. gx: (N·H·W, C_in), zeroed here, then accumulated.
+    # g_off: (B_c, N, G, K, 2, L), g_mask: (B_c, N, G, K, L): one partial per channel
+    # block (B_c = n_blocks). gw2: (S·K·cog, C_in), row (s·K + k)·cog + j: one partial per
+    # slot (S = n_slots; slot s holds images s, s + S, ...). Partials zero-initialised; a
+    # partial that is not needed may be a dummy, never written. Task (slot, offset group,
+    # channel block) owns gx[its images' pixels, its channels], g_off[block, its images,
+    # group] and gw2[slot's rows, its channels]: no two tasks share memory.
     n_img, n_off, n_k, length = off.shape[0], off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
     n_tasks = n_slots * n_off * n_blocks
@@ -465,6 +488,15 @@ def _backward(
         gi = np.empty((_TILE, 4), dtype=np.uint64)
         gwt = np.empty((_TILE, 4), dtype=x.dtype)
         aux = np.empty((_TILE, 7), dtype=x.dtype)
+        if need_x:  # this task's part of gx, zeroed
+            vzero = vsplat(zero)
+            for b in range(slot, n_img, n_slots):
+                for q in range(b * height * width, (b + 1) * height * width):
+                    qu = np.uint64(q)
+                    for i in range(np.uint64(0), full, np.uint64(LANES)):
+                        vstore(gx, qu, cl + i, vzero)
+                    for i in range(full, cnt):
+                        gx[qu, cl + i] = zero
         for b in range(slot, n_img, n_slots):
             pix = b * height * width
             for l0 in range(0, length, _TILE):
@@ -744,7 +776,7 @@ class _Problem:
         self.mask = (
             mask.detach().to(dt).contiguous().reshape(self.n, self.n_off, self.k, self.length)
             if mask is not None
-            else x.new_zeros(1, 1, 1, 1)
+            else self.x_rows.new_zeros(1, 1, 1, 1)
         )
         self.base_y, self.base_x = _base_grid(
             k_h, k_w, self.h_out, self.w_out, stride, padding, dilation, dt
@@ -863,12 +895,14 @@ def backward(
     slots = max(1, min(p.n, SLOTS))
     block = _channel_block(c_per, slots * p.n_off)
     n_blocks = max(1, -(-c_per // block))
-    gx = torch.zeros(p.pixels, p.c_in, dtype=p.dtype)
+    launch = rows_out > 0 and (need_x or need_om or need_w)
+    # the kernel zeroes the part of gx that each task owns
+    gx = (torch.empty if launch and need_x else torch.zeros)(p.pixels, p.c_in, dtype=p.dtype)
     g_w = torch.zeros(slots if need_w else 1, p.k, p.cog, p.c_in, dtype=p.dtype)
     g_off = gx.new_zeros(n_blocks if need_om else 1, *p.off.shape)
     g_mask = gx.new_zeros(n_blocks if need_om else 1, p.n, p.n_off, p.k, p.length)
     go_base = torch.arange(p.c_in) // p.c_pg * p.cog
-    if rows_out > 0 and (need_x or need_om or need_w):
+    if launch:
         _numba_threads.launch(
             _backward, *p.common(), go.numpy(), p.w_t().reshape(-1, p.c_in).numpy(),
             go_base.numpy(), p.c_pg, p.cog, block, n_blocks, slots, need_x, need_om, need_w,

@@ -453,10 +453,11 @@ def _backward(
     # each input channel's group. gx: (N·H·W, C_in), zeroed here, then accumulated.
     # g_off: (B_c, N, G, K, 2, L), g_mask: (B_c, N, G, K, L): one partial per channel
     # block (B_c = n_blocks). gw2: (S·K·cog, C_in), row (s·K + k)·cog + j: one partial per
-    # slot (S = n_slots; slot s holds images s, s + S, ...). Partials zero-initialised; a
-    # partial that is not needed may be a dummy, never written. Task (slot, offset group,
-    # channel block) owns gx[its images' pixels, its channels], g_off[block, its images,
-    # group] and gw2[slot's rows, its channels]: no two tasks share memory.
+    # slot (S = n_slots; slot s holds images s, s + S, ...). The tasks write every element
+    # of the partials (zeroes first); a partial that is not needed may be a dummy, never
+    # written. Task (slot, offset group, channel block) owns gx[its images' pixels, its
+    # channels], g_off[block, its images, group] and gw2[slot's rows, its channels]: no
+    # two tasks share memory.
     n_img, n_off, n_k, length = off.shape[0], off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
     n_tasks = n_slots * n_off * n_blocks
@@ -488,6 +489,10 @@ def _backward(
         gi = np.empty((_TILE, 4), dtype=np.uint64)
         gwt = np.empty((_TILE, 4), dtype=x.dtype)
         aux = np.empty((_TILE, 7), dtype=x.dtype)
+        if need_w:  # this task's part of the slot's weight gradient, zeroed
+            for q in range(slot * n_k * cog, (slot + 1) * n_k * cog):
+                for i in range(cnt):
+                    gw2[q, cl + i] = zero
         if need_x:  # this task's part of gx, zeroed
             vzero = vsplat(zero)
             for b in range(slot, n_img, n_slots):
@@ -554,8 +559,12 @@ def _backward(
                     if not need_gs:
                         continue
                     for r in range(_TILE):
-                        if not ok[r]:
-                            continue  # zero gradients (the buffers start at 0)
+                        if not ok[r]:  # reads 0: zero gradients
+                            if need_om and l0 + r < length:
+                                g_off[blk, b, g, k, 0, l0 + r] = zero
+                                g_off[blk, b, g, k, 1, l0 + r] = zero
+                                g_mask[blk, b, g, k, l0 + r] = zero
+                            continue
                         d00, d01, d10, d11 = _scatter_dot(
                             x,
                             gx,
@@ -898,9 +907,13 @@ def backward(
     launch = rows_out > 0 and (need_x or need_om or need_w)
     # the kernel zeroes the part of gx that each task owns
     gx = (torch.empty if launch and need_x else torch.zeros)(p.pixels, p.c_in, dtype=p.dtype)
-    g_w = torch.zeros(slots if need_w else 1, p.k, p.cog, p.c_in, dtype=p.dtype)
-    g_off = gx.new_zeros(n_blocks if need_om else 1, *p.off.shape)
-    g_mask = gx.new_zeros(n_blocks if need_om else 1, p.n, p.n_off, p.k, p.length)
+    # The kernel writes every element of the partials it needs.
+    g_w = (torch.empty if launch and need_w else torch.zeros)(
+        slots if need_w else 1, p.k, p.cog, p.c_in, dtype=p.dtype
+    )
+    new_om = torch.empty if launch and need_om else torch.zeros
+    g_off = new_om(n_blocks if need_om else 1, *p.off.shape, dtype=p.dtype)
+    g_mask = new_om(n_blocks if need_om else 1, p.n, p.n_off, p.k, p.length, dtype=p.dtype)
     go_base = torch.arange(p.c_in) // p.c_pg * p.cog
     if launch:
         _numba_threads.launch(

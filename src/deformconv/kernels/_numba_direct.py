@@ -539,17 +539,14 @@ def _backward(
                     t1 = _tap(gi, gwt, 1)
                     t2 = _tap(gi, gwt, 2)
                     t3 = _tap(gi, gwt, 3)
-                    # Literal modes, so that each inlined copy keeps only its own loads.
+                    # A literal mode for ResNeXt's groups: that inlined copy keeps only its
+                    # own loads (about 10 % faster); one more copy serves the other modes.
                     if mode == _GO_SPLAT:
                         _sample_grads(_GO_SPLAT, x, go, go_e, rows, w2, k_row, gw2, gw_row,
                                       go_base, cog, cl, full, t0, t1, t2, t3, need_gs,
                                       need_w, gs)  # fmt: skip
-                    elif mode == _GO_ROW:
-                        _sample_grads(_GO_ROW, x, go, go_e, rows, w2, k_row, gw2, gw_row,
-                                      go_base, cog, cl, full, t0, t1, t2, t3, need_gs,
-                                      need_w, gs)  # fmt: skip
                     else:
-                        _sample_grads(_GO_EXPANDED, x, go, go_e, rows, w2, k_row, gw2, gw_row,
+                        _sample_grads(mode, x, go, go_e, rows, w2, k_row, gw2, gw_row,
                                       go_base, cog, cl, full, t0, t1, t2, t3, need_gs,
                                       need_w, gs)  # fmt: skip
                     if full < cnt:

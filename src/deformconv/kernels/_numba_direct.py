@@ -7,45 +7,68 @@ buffer. Here each output pixel instead reads its bilinear samples and multiplies
 its group's few weights right away.
 
 Layout: the input, ``grad_output`` and the gradients are channels-last, pixels flattened,
-(N·H·W, C) and (N·H_out·W_out, C_out), so every loop over channels is contiguous and
-vectorises; so is the depthwise output. The other forward writes its output
-channels-first directly (see below).
+(N·H·W, C) and (N·H_out·W_out, C_out), so every loop over channels is contiguous; so is
+the depthwise output. The other forward writes its output channels-first directly (see
+below). The input and ``grad_output`` copies end in one zero row, which a missing sample
+or a missing row of a tile reads.
+
+Numba runs LLVM without its SLP vectoriser, and without fastmath the loop vectoriser
+leaves floating-point reductions scalar; the hot loops therefore spell out their vectors
+with :mod:`deformconv.kernels._simd` (eight channels per ``<8 x float>``, operations in
+the order written: no reassociation, no FMA contraction).
 
 Forward, parallel over blocks of output pixels (rows):
 
 - depthwise (one input and one output channel per group): for every kernel point the
   bilinear corners are found once per offset group, and ``out[row, c] += w[k, c] · m ·
   bilinear(x[:, c])`` runs over the group's channels;
+- weight and offset groups of multiples of 8 channels (ResNeXt's 8 and 16): per tile of
+  four rows (consecutive pixels of one image) the samples of every channel and kernel
+  point go to a buffer laid out like the weight, ``[row, group][k·C_pg + i]``; output
+  channel ``o`` of row ``r`` is then one contiguous dot product of the weight row ``o``
+  and the row's samples of ``o``'s group, in eight lanes, for two output channels and
+  the four rows at once (each weight vector serves four rows, each sample vector two
+  outputs); one ``vsum4`` reduces the four rows' lanes, and the four values go straight
+  into the channels-first output;
 - other narrow groups: per row and kernel point the samples of all channels go to a
   small buffer, and ``P[j, c] += w[k, j, c] · sample[c]`` accumulates every output
   channel ``j`` of each channel's group in loops over all channels (contiguous,
-  vectorised); output channel ``j`` of group ``g`` is then the sum of ``P[j, c]`` over
-  ``g``'s channels, stored straight into the channels-first output: a task's rows are
-  consecutive pixels, so it fills whole cache lines of each output channel, and no
-  transpose pass over channels-last rows is needed.
+  vectorised by LLVM); output channel ``j`` of group ``g`` is then the sum of ``P[j, c]``
+  over ``g``'s channels, stored straight into the channels-first output.
+
+A forward task's rows are consecutive pixels, so it fills whole cache lines of each
+output channel, and no transpose pass over channels-last rows is needed.
 
 Backward, parallel over tasks (slot of images, offset group, block of channels). A task
-visits every output pixel of its images and every kernel point; for each channel ``c`` of
-its block it computes the gradient of the sample, ``gs = Σ_j grad_out[row, j] · w[j, c,
-k]`` over the output channels ``j`` of ``c``'s group, and from it
+zeroes its part of ``grad_input``, then visits the output pixels of its images in tiles
+of four rows; per tile and kernel point it finds the four rows' corners once, then
 
-- ``grad_input``: ``gs · m · corner weight`` added at the four corners; the task owns
-  these elements (its images, its channels);
-- offset and mask gradients: the four dot products ``Σ_c gs · x[corner, c]`` over the
-  block's channels, written as the block's partial;
-- ``grad_weight``: ``grad_out[row, j] · sample`` added to the slot's partial, which the
-  task owns for its channels.
+- pass A, eight channels ``c`` at a time: the samples of the four rows and, over the
+  output channels ``j`` of ``c``'s group, the sample gradients ``gs[r, c] = Σ_j
+  grad_out[r, j] · w[k, j, c]`` and ``grad_weight[k, j, c] += Σ_r grad_out[r, j] ·
+  sample[r, c]``: each weight vector and weight-gradient vector is loaded once for the
+  four rows (``grad_out[r, j]`` is one value broadcast to the vector when a group has a
+  multiple of 8 channels, the row itself for depthwise, else a per-tile copy expanded to
+  channels);
+- pass B, per row with a sample: ``gs · m · corner weight`` added to ``grad_input`` at
+  the four corners (the task owns these elements: its images, its channels), and the
+  four dot products ``Σ_c gs · x[corner, c]`` in lanes reduced by a fixed tree, from
+  which the offset and mask gradients follow (written as the block's partial).
 
-The partials (one per channel block for offset and mask, one per slot for the weight) are
-summed afterwards in a fixed order. No two tasks write the same memory and the task split
-depends only on the shapes, never on the thread count: results are bitwise reproducible.
+Channels past the last multiple of 8 of a block run the same sums one at a time, in the
+same order. ``grad_weight`` goes to the slot's partial, which the task owns for its
+channels. The partials (one per channel block for offset and mask, one per slot for the
+weight) are summed afterwards in a fixed order. No two tasks write the same memory, the
+task split depends only on the shapes, never on the thread count, and every sum runs in
+a fixed order: results are bitwise reproducible.
 
 The depthwise output and ``grad_input`` go back to channels-first through a blocked Numba
 transpose, about twice as fast as torch's strided copy of that permutation.
 
 Memory: besides the channels-last copies of the input, ``grad_output`` and the gradients,
 the partials take ``min(N, SLOTS)`` weight-sized and ``ceil(C_in / G / block)``
-offset-sized buffers, and each task a few rows of scratch. No column buffer.
+offset-sized buffers, and each task a few rows of scratch (a forward task: four rows'
+samples of every kernel point). No column buffer.
 
 Safety: as in :mod:`deformconv.kernels._numba` (positions are range-checked with
 comparisons that are False for NaN before they are turned into indices; corner indices
@@ -63,7 +86,8 @@ import torch
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
-from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners, _dot4
+from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners
+from deformconv.kernels._simd import LANES, vload, vmul, vmuladd, vsplat, vstore, vsum4
 
 __all__ = ["MAX_GROUP_CHANNELS", "SLOTS", "backward", "forward", "prefers_direct"]
 
@@ -208,6 +232,195 @@ def _forward_grouped(
                     out[b, wg * cog + j, p_l] = s
 
 
+#: Rows (consecutive output pixels of one image) that the backward handles together. Each
+#: weight vector and weight-gradient vector is loaded once per tile and used for all its
+#: rows; four rows' samples and sample gradients fit AVX2's sixteen vector registers.
+_TILE = 4
+
+# How the backward finds grad_out[row, (c // C_pg)·cog + j] for the eight channels c of a
+# vector: one value for all of them (their group is the same: C_pg a multiple of 8), the
+# row itself (depthwise: output channel c), or a per-tile copy expanded to channels.
+_GO_SPLAT = 0
+_GO_ROW = 1
+_GO_EXPANDED = 2
+
+
+@numba.njit(inline="always")
+def _go_vec(mode, go, row, go_e, e_row, i, c, col):  # pragma: no cover
+    """grad_out of the output channel ``j`` of channels ``c .. c + 8`` (``col = o(c) + j``)."""
+    if mode == _GO_SPLAT:
+        return vsplat(go[row, col])
+    if mode == _GO_ROW:
+        return vload(go, row, c)
+    return vload(go_e, e_row, i)
+
+
+@numba.njit(inline="always")
+def _tap(gi, gwt, r):  # pragma: no cover
+    """Row ``r``'s four corner indices and modulated bilinear weights, as one tuple."""
+    return (gi[r, 0], gi[r, 1], gi[r, 2], gi[r, 3], gwt[r, 0], gwt[r, 1], gwt[r, 2], gwt[r, 3])
+
+
+@numba.njit(inline="always")
+def _bilinear(x, t, c):  # pragma: no cover
+    """The sample of channels ``c .. c + 8`` at tap ``t`` (from :func:`_tap`)."""
+    s = vmul(vsplat(t[4]), vload(x, t[0], c))
+    s = vmuladd(s, vsplat(t[5]), vload(x, t[1], c))
+    s = vmuladd(s, vsplat(t[6]), vload(x, t[2], c))
+    return vmuladd(s, vsplat(t[7]), vload(x, t[3], c))
+
+
+@numba.njit(inline="always")
+def _sample_grads(
+    mode,
+    x,
+    go,
+    go_e,
+    rows,
+    w2,
+    k_row,
+    gw2,
+    gw_row,
+    go_base,
+    cog,
+    cl,
+    full,
+    t0,
+    t1,
+    t2,
+    t3,
+    need_gs,
+    need_w,
+    gs,
+):  # pragma: no cover
+    # For the tile's four rows and every vector of channels: gs[r, c] = Σ_j go·w[k, j, c]
+    # and g_w[k, j, c] += Σ_r go·sample[r, c], the weight vectors loaded once per tile.
+    # Rows without a sample read the zero pixel (their weights are 0, too).
+    vzero = vsplat(x.dtype.type(0))
+    s0 = s1 = s2 = s3 = vzero
+    row0, row1, row2, row3 = rows[0], rows[1], rows[2], rows[3]
+    lanes = np.uint64(LANES)
+    for i in range(np.uint64(0), full, lanes):
+        c = cl + i
+        if need_w:
+            s0 = _bilinear(x, t0, c)
+            s1 = _bilinear(x, t1, c)
+            s2 = _bilinear(x, t2, c)
+            s3 = _bilinear(x, t3, c)
+        q0 = q1 = q2 = q3 = vzero
+        o = go_base[c]
+        for j in range(cog):
+            e0 = _go_vec(mode, go, row0, go_e, j, i, c, o + j)
+            e1 = _go_vec(mode, go, row1, go_e, cog + j, i, c, o + j)
+            e2 = _go_vec(mode, go, row2, go_e, 2 * cog + j, i, c, o + j)
+            e3 = _go_vec(mode, go, row3, go_e, 3 * cog + j, i, c, o + j)
+            if need_gs:
+                wv = vload(w2, k_row + j, c)
+                q0 = vmuladd(q0, e0, wv)
+                q1 = vmuladd(q1, e1, wv)
+                q2 = vmuladd(q2, e2, wv)
+                q3 = vmuladd(q3, e3, wv)
+            if need_w:
+                acc = vload(gw2, gw_row + j, c)
+                acc = vmuladd(acc, e0, s0)
+                acc = vmuladd(acc, e1, s1)
+                acc = vmuladd(acc, e2, s2)
+                acc = vmuladd(acc, e3, s3)
+                vstore(gw2, gw_row + j, c, acc)
+        if need_gs:
+            vstore(gs, np.uint64(0), i, q0)
+            vstore(gs, np.uint64(1), i, q1)
+            vstore(gs, np.uint64(2), i, q2)
+            vstore(gs, np.uint64(3), i, q3)
+
+
+@numba.njit(inline="always")
+def _sample_grads_tail(
+    x,
+    go,
+    rows,
+    w2,
+    k_row,
+    gw2,
+    gw_row,
+    go_base,
+    cog,
+    cl,
+    full,
+    cnt,
+    gi,
+    gwt,
+    need_gs,
+    need_w,
+    gs,
+    smp,
+):  # pragma: no cover
+    # :func:`_sample_grads` for the last cnt % 8 channels, one at a time (same order).
+    zero = x.dtype.type(0)
+    for i in range(full, cnt):
+        c = cl + i
+        o = go_base[c]
+        for r in range(_TILE):
+            smp[r] = (
+                gwt[r, 0] * x[gi[r, 0], c] + gwt[r, 1] * x[gi[r, 1], c]
+                + gwt[r, 2] * x[gi[r, 2], c] + gwt[r, 3] * x[gi[r, 3], c]
+            )  # fmt: skip
+            gs[r, i] = zero
+        for j in range(cog):
+            wv = w2[k_row + j, c]
+            acc = gw2[gw_row + j, c]
+            for r in range(_TILE):
+                e = go[rows[r], o + j]
+                if need_gs:
+                    gs[r, i] += e * wv
+                acc += e * smp[r]
+            if need_w:
+                gw2[gw_row + j, c] = acc
+
+
+@numba.njit(inline="always")
+def _scatter_dot(x, gx, gs, r, t, cl, full, cnt, need_x, need_om):  # pragma: no cover
+    # One row's gs into grad_input at its four corners, and the four dot products
+    # d_q = Σ_c gs[c] · x[corner_q, c] in lanes reduced by a fixed tree (then the tail, in
+    # order). Each corner's read-modify-write completes before the next: corners may share
+    # a pixel.
+    a00, a01, a10, a11 = t[0], t[1], t[2], t[3]
+    u00 = vsplat(t[4])
+    u01 = vsplat(t[5])
+    u10 = vsplat(t[6])
+    u11 = vsplat(t[7])
+    vzero = vsplat(x.dtype.type(0))
+    s00 = s01 = s10 = s11 = vzero
+    lanes = np.uint64(LANES)
+    for i in range(np.uint64(0), full, lanes):
+        c = cl + i
+        g = vload(gs, r, i)
+        if need_om:
+            s00 = vmuladd(s00, g, vload(x, a00, c))
+            s01 = vmuladd(s01, g, vload(x, a01, c))
+            s10 = vmuladd(s10, g, vload(x, a10, c))
+            s11 = vmuladd(s11, g, vload(x, a11, c))
+        if need_x:
+            vstore(gx, a00, c, vmuladd(vload(gx, a00, c), u00, g))
+            vstore(gx, a01, c, vmuladd(vload(gx, a01, c), u01, g))
+            vstore(gx, a10, c, vmuladd(vload(gx, a10, c), u10, g))
+            vstore(gx, a11, c, vmuladd(vload(gx, a11, c), u11, g))
+    d00, d01, d10, d11 = vsum4(s00, s01, s10, s11)
+    for i in range(full, cnt):
+        c = cl + i
+        g = gs[r, i]
+        d00 += g * x[a00, c]
+        d01 += g * x[a01, c]
+        d10 += g * x[a10, c]
+        d11 += g * x[a11, c]
+        if need_x:
+            gx[a00, c] += t[4] * g
+            gx[a01, c] += t[5] * g
+            gx[a10, c] += t[6] * g
+            gx[a11, c] += t[7] * g
+    return d00, d01, d10, d11
+
+
 @_jit
 def _backward(
     x,
@@ -219,9 +432,10 @@ def _backward(
     base_y,
     base_x,
     go,
-    w_t,
+    w2,
     go_base,
     c_pg,
+    cog,
     block,
     n_blocks,
     n_slots,
@@ -231,23 +445,27 @@ def _backward(
     gx,
     g_off,
     g_mask,
-    g_w,
+    gw2,
 ):  # pragma: no cover
-    # go: (N·L, C_out) channels-last grad_output. w_t: (K, cog, C_in) as in _forward_grouped.
-    # go_base: (C_in,) int64, the first output channel of each input channel's group.
-    # gx: (N·H·W, C_in), accumulated. g_off: (B_c, N, G, K, 2, L), g_mask: (B_c, N, G, K, L):
-    # one partial per channel block (B_c = n_blocks = ceil(C_per / block)). g_w: (S, K, cog,
-    # C_in), one partial per slot (S = n_slots; slot s holds images s, s + S, ...). All
-    # zero-initialised; a partial that is not needed may be a (1, ...) dummy, never written.
-    # Task (slot, offset group, channel block) owns gx[its images' pixels, its channels],
-    # g_off[block, its images, group], g_w[slot, :, :, its channels]: no two tasks share
-    # memory. Loops over the block's channels are contiguous (vectorised); output channel j
-    # of channel c's group is expanded to go_e[j, c] = go[row, (c // C_pg)·cog + j].
+    # x: (N·H·W + 1, C_in) channels-last input and a last, zero pixel. go: (N·L + 1, C_out)
+    # channels-last grad_output and a last, zero row. w2: (K·cog, C_in), row k·cog + j as
+    # w_t[k, j] of _forward_grouped. go_base: (C_in,) int64, the first output channel of
+    # each input channel's group. gx: (N·H·W, C_in), zeroed here, then accumulated.
+    # g_off: (B_c, N, G, K, 2, L), g_mask: (B_c, N, G, K, L): one partial per channel
+    # block (B_c = n_blocks). gw2: (S·K·cog, C_in), row (s·K + k)·cog + j: one partial per
+    # slot (S = n_slots; slot s holds images s, s + S, ...). The tasks write every element
+    # of the partials (zeroes first); a partial that is not needed may be a dummy, never
+    # written. Task (slot, offset group, channel block) owns gx[its images' pixels, its
+    # channels], g_off[block, its images, group] and gw2[slot's rows, its channels]: no
+    # two tasks share memory.
     n_img, n_off, n_k, length = off.shape[0], off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
-    cog = w_t.shape[1]
     n_tasks = n_slots * n_off * n_blocks
     one = x.dtype.type(1)
+    zero = one - one
+    zero_pix = np.uint64(x.shape[0] - 1)
+    zero_row = n_img * length
+    need_gs = need_x or need_om
     for t in numba.prange(n_tasks):
         slot = t // (n_off * n_blocks)
         g = (t // n_blocks) % n_off
@@ -256,71 +474,239 @@ def _backward(
         c_hi = min(c_lo + block, (g + 1) * c_per)
         cnt = np.uint64(c_hi - c_lo)
         cl = np.uint64(c_lo)
-        gs = np.empty((1, c_hi - c_lo), dtype=x.dtype)  # gradient of each channel's sample
-        smp = np.empty(c_hi - c_lo, dtype=x.dtype)  # each channel's sample (for grad_w)
-        go_e = np.empty((cog, c_hi - c_lo), dtype=x.dtype)
+        full = cnt // np.uint64(LANES) * np.uint64(LANES)
+        if c_pg % LANES == 0 and c_lo % LANES == 0:
+            mode = _GO_SPLAT
+        elif c_pg == 1 and cog == 1:
+            mode = _GO_ROW
+        else:
+            mode = _GO_EXPANDED
+        gs = np.empty((_TILE, c_hi - c_lo), dtype=x.dtype)  # gradient of each sample
+        smp = np.empty(_TILE, dtype=x.dtype)
+        go_e = np.empty((_TILE * cog if mode == _GO_EXPANDED else 1, c_hi - c_lo), x.dtype)
+        rows = np.empty(_TILE, dtype=np.int64)
+        ok = np.empty(_TILE, dtype=np.bool_)
+        gi = np.empty((_TILE, 4), dtype=np.uint64)
+        gwt = np.empty((_TILE, 4), dtype=x.dtype)
+        aux = np.empty((_TILE, 7), dtype=x.dtype)
+        if need_w:  # this task's part of the slot's weight gradient, zeroed
+            for q in range(slot * n_k * cog, (slot + 1) * n_k * cog):
+                for i in range(cnt):
+                    gw2[q, cl + i] = zero
+        if need_x:  # this task's part of gx, zeroed
+            vzero = vsplat(zero)
+            for b in range(slot, n_img, n_slots):
+                for q in range(b * height * width, (b + 1) * height * width):
+                    qu = np.uint64(q)
+                    for i in range(np.uint64(0), full, np.uint64(LANES)):
+                        vstore(gx, qu, cl + i, vzero)
+                    for i in range(full, cnt):
+                        gx[qu, cl + i] = zero
         for b in range(slot, n_img, n_slots):
             pix = b * height * width
-            for p_l in range(length):
-                row = b * length + p_l
-                for i in range(c_hi - c_lo):
-                    o = go_base[c_lo + i]
-                    for j in range(cog):
-                        go_e[j, i] = go[row, o + j]
+            for l0 in range(0, length, _TILE):
+                for r in range(_TILE):
+                    rows[r] = b * length + l0 + r if l0 + r < length else zero_row
+                if mode == _GO_EXPANDED:
+                    for r in range(_TILE):
+                        for j in range(cog):
+                            for i in range(cnt):
+                                go_e[r * cog + j, i] = go[rows[r], go_base[cl + i] + j]
                 for k in range(n_k):
+                    for r in range(_TILE):
+                        p_l = l0 + r
+                        ok[r] = False
+                        y = xx = zero
+                        if p_l < length:
+                            y = base_y[k, p_l] + off[b, g, k, 0, p_l]
+                            xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
+                            ok[r] = y >= -1 and y < height and xx >= -1 and xx < width  # NaN: False
+                        if not ok[r]:  # reads 0: the zero pixel, weight 0
+                            gi[r, :] = zero_pix
+                            gwt[r, :] = zero
+                            continue
+                        m = mask[b, g, k, p_l] if has_mask else one
+                        i00, i01, i10, i11, w00, w01, w10, w11, ly, lx, v00, v01, v10, v11 = (
+                            _geometry(y, xx, height, width, pix, m, one)
+                        )
+                        gi[r, 0], gi[r, 1], gi[r, 2], gi[r, 3] = i00, i01, i10, i11
+                        gwt[r, 0], gwt[r, 1], gwt[r, 2], gwt[r, 3] = w00, w01, w10, w11
+                        aux[r, 0], aux[r, 1], aux[r, 2] = ly, lx, m
+                        aux[r, 3], aux[r, 4], aux[r, 5], aux[r, 6] = v00, v01, v10, v11
+                    k_row = k * cog
+                    gw_row = (slot * n_k + k) * cog
+                    t0 = _tap(gi, gwt, 0)
+                    t1 = _tap(gi, gwt, 1)
+                    t2 = _tap(gi, gwt, 2)
+                    t3 = _tap(gi, gwt, 3)
+                    # A literal mode for ResNeXt's groups: that inlined copy keeps only its
+                    # own loads (about 10 % faster); one more copy serves the other modes.
+                    if mode == _GO_SPLAT:
+                        _sample_grads(_GO_SPLAT, x, go, go_e, rows, w2, k_row, gw2, gw_row,
+                                      go_base, cog, cl, full, t0, t1, t2, t3, need_gs,
+                                      need_w, gs)  # fmt: skip
+                    else:
+                        _sample_grads(mode, x, go, go_e, rows, w2, k_row, gw2, gw_row,
+                                      go_base, cog, cl, full, t0, t1, t2, t3, need_gs,
+                                      need_w, gs)  # fmt: skip
+                    if full < cnt:
+                        _sample_grads_tail(x, go, rows, w2, k_row, gw2, gw_row, go_base, cog,
+                                           cl, full, cnt, gi, gwt, need_gs, need_w, gs,
+                                           smp)  # fmt: skip
+                    if not need_gs:
+                        continue
+                    for r in range(_TILE):
+                        if not ok[r]:  # reads 0: zero gradients
+                            if need_om and l0 + r < length:
+                                g_off[blk, b, g, k, 0, l0 + r] = zero
+                                g_off[blk, b, g, k, 1, l0 + r] = zero
+                                g_mask[blk, b, g, k, l0 + r] = zero
+                            continue
+                        d00, d01, d10, d11 = _scatter_dot(
+                            x,
+                            gx,
+                            gs,
+                            np.uint64(r),
+                            _tap(gi, gwt, r),
+                            cl,
+                            full,
+                            cnt,
+                            need_x,
+                            need_om,
+                        )
+                        if need_om:
+                            ly, lx, m = aux[r, 0], aux[r, 1], aux[r, 2]
+                            d00 *= aux[r, 3]
+                            d01 *= aux[r, 4]
+                            d10 *= aux[r, 5]
+                            d11 *= aux[r, 6]
+                            hy = one - ly
+                            hx = one - lx
+                            p_l = l0 + r
+                            g_off[blk, b, g, k, 0, p_l] = (hx * (d10 - d00) + lx * (d11 - d01)) * m
+                            g_off[blk, b, g, k, 1, p_l] = (hy * (d01 - d00) + ly * (d11 - d10)) * m
+                            g_mask[blk, b, g, k, p_l] = (
+                                hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+                            )
+
+
+#: Tiles per task of :func:`_forward_vectors` (32 rows: each task fills whole cache lines
+#: of every output channel it writes).
+_TILES_PER_TASK = 8
+
+
+@numba.njit(inline="always")
+def _sample_rows(
+    x, height, width, off, mask, has_mask, base_y, base_x, b, l0, length, pix, c_pg, smp
+):  # pragma: no cover
+    # smp[r·groups + wg, k·C_pg + i]: the sample of channel wg·C_pg + i at kernel point k
+    # for the tile's row r (0 where there is none), eight channels at a time.
+    n_off, n_k = off.shape[1], off.shape[2]
+    groups = x.shape[1] // c_pg
+    c_per = x.shape[1] // n_off
+    one = x.dtype.type(1)
+    zero = one - one
+    vzero = vsplat(zero)
+    lanes = np.uint64(LANES)
+    for r in range(_TILE):
+        p_l = l0 + r
+        for k in range(n_k):
+            for g in range(n_off):
+                c0 = g * c_per
+                ok = False
+                y = xx = zero
+                if p_l < length:
                     y = base_y[k, p_l] + off[b, g, k, 0, p_l]
                     xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
-                    if not (y >= -1 and y < height and xx >= -1 and xx < width):
-                        continue  # reads 0: zero gradients (the buffers start at 0)
-                    m = mask[b, g, k, p_l] if has_mask else one
-                    i00, i01, i10, i11, w00, w01, w10, w11, ly, lx, v00, v01, v10, v11 = _geometry(
+                    ok = y >= -1 and y < height and xx >= -1 and xx < width  # NaN: False
+                m = mask[b, g, k, p_l] if has_mask and ok else one
+                t = (np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), zero, zero, zero, zero)
+                if ok:
+                    i00, i01, i10, i11, w00, w01, w10, w11, _, _, _, _, _, _ = _geometry(
                         y, xx, height, width, pix, m, one
                     )
-                    # gs[c] = Σ_j go_e[j, c] · w_t[k, j, c]; with the weight gradient, in the
-                    # same pass over j: g_w[slot, k, j, c] += go_e[j, c] · sample[c].
-                    if need_w:
-                        for i in range(cnt):
-                            c = cl + i
-                            smp[i] = (
-                                w00 * x[i00, c] + w01 * x[i01, c]
-                                + w10 * x[i10, c] + w11 * x[i11, c]
-                            )  # fmt: skip
-                        for i in range(cnt):
-                            gs[0, i] = go_e[0, i] * w_t[k, 0, cl + i]
-                            g_w[slot, k, 0, cl + i] += go_e[0, i] * smp[i]
-                        for j in range(1, cog):
-                            for i in range(cnt):
-                                gs[0, i] += go_e[j, i] * w_t[k, j, cl + i]
-                                g_w[slot, k, j, cl + i] += go_e[j, i] * smp[i]
-                    else:
-                        for i in range(cnt):
-                            gs[0, i] = go_e[0, i] * w_t[k, 0, cl + i]
-                        for j in range(1, cog):
-                            for i in range(cnt):
-                                gs[0, i] += go_e[j, i] * w_t[k, j, cl + i]
-                    if need_x:
-                        for i in range(cnt):
-                            c = cl + i
-                            gx[i00, c] += w00 * gs[0, i]
-                            gx[i01, c] += w01 * gs[0, i]
-                            gx[i10, c] += w10 * gs[0, i]
-                            gx[i11, c] += w11 * gs[0, i]
-                    if need_om:
-                        # d_q = Σ_c gs[c] · x[corner q, c]
-                        d00, d01, d10, d11 = _dot4(gs, 0, np.uint64(0), x,
-                                                   i00, i01, i10, i11, cl, cnt)  # fmt: skip
-                        d00 *= v00
-                        d01 *= v01
-                        d10 *= v10
-                        d11 *= v11
-                        hy = one - ly
-                        hx = one - lx
-                        acc_m = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-                        acc_y = hx * (d10 - d00) + lx * (d11 - d01)
-                        acc_x = hy * (d01 - d00) + ly * (d11 - d10)
-                        g_off[blk, b, g, k, 0, p_l] = acc_y * m
-                        g_off[blk, b, g, k, 1, p_l] = acc_x * m
-                        g_mask[blk, b, g, k, p_l] = acc_m
+                    t = (i00, i01, i10, i11, w00, w01, w10, w11)
+                wg = c0 // c_pg
+                col = np.uint64(k * c_pg + c0 - wg * c_pg)
+                end = np.uint64((k + 1) * c_pg)
+                for c in range(np.uint64(c0), np.uint64(c0 + c_per), lanes):
+                    v = _bilinear(x, t, c) if ok else vzero
+                    vstore(smp, np.uint64(r * groups + wg), col, v)
+                    col += lanes
+                    if col == end:  # the next weight group
+                        wg += 1
+                        col -= np.uint64(c_pg)
+
+
+@_jit
+def _forward_vectors(
+    x, height, width, off, mask, has_mask, base_y, base_x, w2, c_pg, bias, out
+):  # pragma: no cover
+    # Weight groups and offset groups of multiples of 8 channels. w2: (C_out, K·C_pg),
+    # w2[o, k·C_pg + i] = weight[o, i, k]. out: (N, C_out, L), channels-first. Per tile of
+    # four rows (consecutive pixels of one image): the samples go to smp (rows as
+    # w2's, per weight group); then output o = wg·cog + j of row r is the dot product of
+    # w2[o] and smp[r·groups + wg], in eight lanes per row, reduced for the four rows by
+    # one vsum4. Two output channels at a time: each sample vector serves two, each
+    # weight vector four rows.
+    n_img, n_k, length = off.shape[0], off.shape[2], off.shape[4]
+    n_ch = x.shape[1]
+    groups = n_ch // c_pg
+    cog = w2.shape[0] // groups
+    span = np.uint64(n_k * c_pg)
+    tiles = (length + _TILE - 1) // _TILE
+    tasks_per_img = (tiles + _TILES_PER_TASK - 1) // _TILES_PER_TASK
+    lanes = np.uint64(LANES)
+    vzero = vsplat(x.dtype.type(0))
+    for t in numba.prange(n_img * tasks_per_img):
+        b = t // tasks_per_img
+        first = (t - b * tasks_per_img) * _TILES_PER_TASK
+        pix = b * height * width
+        smp = np.empty((_TILE * groups, n_k * c_pg), dtype=x.dtype)
+        for tile in range(first, min(tiles, first + _TILES_PER_TASK)):
+            l0 = tile * _TILE
+            _sample_rows(
+                x, height, width, off, mask, has_mask, base_y, base_x, b, l0, length, pix,
+                c_pg, smp,
+            )  # fmt: skip
+            for wg in range(groups):
+                s0 = np.uint64(wg)
+                s1 = np.uint64(groups + wg)
+                s2 = np.uint64(2 * groups + wg)
+                s3 = np.uint64(3 * groups + wg)
+                for j in range(0, cog, 2):
+                    o = np.uint64(wg * cog + j)
+                    p = o + np.uint64(1) if j + 1 < cog else o  # an odd cog repeats the last
+                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = vzero
+                    for q in range(np.uint64(0), span, lanes):
+                        wa = vload(w2, o, q)
+                        wb = vload(w2, p, q)
+                        v = vload(smp, s0, q)
+                        a0 = vmuladd(a0, wa, v)
+                        b0 = vmuladd(b0, wb, v)
+                        v = vload(smp, s1, q)
+                        a1 = vmuladd(a1, wa, v)
+                        b1 = vmuladd(b1, wb, v)
+                        v = vload(smp, s2, q)
+                        a2 = vmuladd(a2, wa, v)
+                        b2 = vmuladd(b2, wb, v)
+                        v = vload(smp, s3, q)
+                        a3 = vmuladd(a3, wa, v)
+                        b3 = vmuladd(b3, wb, v)
+                    _store_tile(out, b, o, l0, length, bias[o], vsum4(a0, a1, a2, a3))
+                    _store_tile(out, b, p, l0, length, bias[p], vsum4(b0, b1, b2, b3))
+
+
+@numba.njit(inline="always")
+def _store_tile(out, b, o, l0, length, bias, sums):  # pragma: no cover
+    """``out[b, o, l0 + r] = bias + sums[r]`` for the tile's rows that exist."""
+    out[b, o, l0] = sums[0] + bias
+    if l0 + 1 < length:
+        out[b, o, l0 + 1] = sums[1] + bias
+    if l0 + 2 < length:
+        out[b, o, l0 + 2] = sums[2] + bias
+    if l0 + 3 < length:
+        out[b, o, l0 + 3] = sums[3] + bias
 
 
 #: Channels per task of :func:`_to_channels_first` (16 float32: one cache line per pixel).
@@ -383,17 +769,20 @@ class _Problem:
         self.h_out, self.w_out = offset.shape[2], offset.shape[3]
         self.length = self.h_out * self.w_out
         self.n_off = offset.shape[1] // (2 * self.k)
-        x = input.detach().to(dt).permute(0, 2, 3, 1).contiguous()
-        self.height, self.width = x.shape[1], x.shape[2]
-        self.x_nhwc = x
-        self.x2 = x.reshape(-1, self.c_in)  # (N·H·W, C_in)
+        self.height, self.width = input.shape[2], input.shape[3]
+        self.pixels = self.n * self.height * self.width
+        # (N·H·W + 1, C_in): channels-last pixels and a zero pixel (read by absent samples)
+        self.x_rows = torch.empty(self.pixels + 1, self.c_in, dtype=dt)
+        self.x_rows[-1] = 0
+        x = self.x_rows[: self.pixels].view(self.n, self.height, self.width, self.c_in)
+        x.copy_(input.detach().permute(0, 2, 3, 1))
         shape = (self.n, self.n_off, self.k, 2, self.length)
         self.off = offset.detach().to(dt).contiguous().reshape(shape)
         self.has_mask = mask is not None
         self.mask = (
             mask.detach().to(dt).contiguous().reshape(self.n, self.n_off, self.k, self.length)
             if mask is not None
-            else x.new_zeros(1, 1, 1, 1)
+            else self.x_rows.new_zeros(1, 1, 1, 1)
         )
         self.base_y, self.base_x = _base_grid(
             k_h, k_w, self.h_out, self.w_out, stride, padding, dilation, dt
@@ -406,7 +795,7 @@ class _Problem:
 
     def common(self) -> tuple[object, ...]:
         return (
-            self.x2.numpy(), self.height, self.width, self.off.numpy(), self.mask.numpy(),
+            self.x_rows.numpy(), self.height, self.width, self.off.numpy(), self.mask.numpy(),
             self.has_mask, self.base_y.numpy(), self.base_x.numpy(),
         )  # fmt: skip
 
@@ -447,11 +836,13 @@ def forward(
     b = torch.zeros(p.c_out, dtype=p.dtype) if bias is None else bias.detach().to(p.dtype)
     if not p.depthwise:  # writes channels-first itself
         out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
+        vectors = p.c_pg % LANES == 0 and (p.c_in // p.n_off) % LANES == 0
+        w_rows = p.weight.reshape(p.c_out, p.c_pg, p.k).transpose(1, 2).reshape(p.c_out, -1)
         if out.numel() > 0:
             _numba_threads.launch(
-                _forward_grouped,
+                _forward_vectors if vectors else _forward_grouped,
                 *p.common(),
-                p.w_t().numpy(),
+                w_rows.numpy() if vectors else p.w_t().numpy(),
                 p.c_pg,
                 b.contiguous().numpy(),
                 out.reshape(p.n, p.c_out, p.length).numpy(),
@@ -499,22 +890,33 @@ def backward(
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     need_x, need_off, need_mask, need_w, need_b = needs_grad
     need_om = need_off or (need_mask and mask is not None)
-    go = grad_output.detach().to(p.dtype).permute(0, 2, 3, 1).contiguous()
-    go = go.reshape(p.n * p.length, p.c_out)
+    # (N·L + 1, C_out): channels-last grad_output and a zero row (for a tile's absent rows)
+    rows_out = p.n * p.length
+    go = torch.empty(rows_out + 1, p.c_out, dtype=p.dtype)
+    go[-1] = 0
+    go[:rows_out].view(p.n, p.h_out, p.w_out, p.c_out).copy_(
+        grad_output.detach().permute(0, 2, 3, 1)
+    )
     c_per = p.c_in // p.n_off
     slots = max(1, min(p.n, SLOTS))
     block = _channel_block(c_per, slots * p.n_off)
     n_blocks = max(1, -(-c_per // block))
-    gx = torch.zeros_like(p.x2)
-    g_w = torch.zeros(slots if need_w else 1, p.k, p.cog, p.c_in, dtype=p.dtype)
-    g_off = p.x2.new_zeros(n_blocks if need_om else 1, *p.off.shape)
-    g_mask = p.x2.new_zeros(n_blocks if need_om else 1, p.n, p.n_off, p.k, p.length)
+    launch = rows_out > 0 and (need_x or need_om or need_w)
+    # the kernel zeroes the part of gx that each task owns
+    gx = (torch.empty if launch and need_x else torch.zeros)(p.pixels, p.c_in, dtype=p.dtype)
+    # The kernel writes every element of the partials it needs.
+    g_w = (torch.empty if launch and need_w else torch.zeros)(
+        slots if need_w else 1, p.k, p.cog, p.c_in, dtype=p.dtype
+    )
+    new_om = torch.empty if launch and need_om else torch.zeros
+    g_off = new_om(n_blocks if need_om else 1, *p.off.shape, dtype=p.dtype)
+    g_mask = new_om(n_blocks if need_om else 1, p.n, p.n_off, p.k, p.length, dtype=p.dtype)
     go_base = torch.arange(p.c_in) // p.c_pg * p.cog
-    if go.numel() > 0 and (need_x or need_om or need_w):
+    if launch:
         _numba_threads.launch(
-            _backward, *p.common(), go.numpy(), p.w_t().numpy(), go_base.numpy(), p.c_pg, block,
-            n_blocks, slots, need_x, need_om, need_w,
-            gx.numpy(), g_off.numpy(), g_mask.numpy(), g_w.numpy(),
+            _backward, *p.common(), go.numpy(), p.w_t().reshape(-1, p.c_in).numpy(),
+            go_base.numpy(), p.c_pg, p.cog, block, n_blocks, slots, need_x, need_om, need_w,
+            gx.numpy(), g_off.numpy(), g_mask.numpy(), g_w.reshape(-1, p.c_in).numpy(),
         )  # fmt: skip
     # Partials summed in a fixed order: bitwise reproducible.
     grad_off, grad_m = g_off[0], g_mask[0]
@@ -536,5 +938,5 @@ def backward(
     grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
     grad_bias = None
     if bias is not None:
-        grad_bias = go.sum(0).to(bias.dtype) if need_b else torch.zeros_like(bias)
+        grad_bias = go[:rows_out].sum(0).to(bias.dtype) if need_b else torch.zeros_like(bias)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

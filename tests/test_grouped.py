@@ -274,6 +274,25 @@ def test_bench_model_rows():
 
     result = bench.run_models(["resnet18"], batch=2, size=64, threads=1, repeat=1, warmup=0)
     assert set(result["rows"][0]["ms"]) == {
-        "plain train", "deformable train", "plain infer", "deformable infer"
+        f"{variant} {label}"
+        for variant in ("plain", "deformable", "torchvision") for label in ("train", "infer")
     }  # fmt: skip
     assert "| resnet18 |" in bench.models_to_markdown(result)
+
+
+def test_torchvision_variant_computes_what_deformconv_computes():
+    """The model-level row's peer variant is the same model on torchvision's op."""
+    pytest.importorskip("torchvision")
+    from deformconv.bench import cpu as bench
+
+    ours = bench._model("resnet18", True).eval()
+    peer = bench._on_torchvision_op(bench._model("resnet18", True)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # offset heads start at zero: give them real offsets
+        for (name, a), (_, b) in zip(ours.named_parameters(), peer.named_parameters(), strict=True):
+            if "conv_offset" in name:
+                a.copy_(torch.randn(a.shape, generator=gen) * 0.05)
+                b.copy_(a)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(peer(x), ours(x), rtol=1e-4, atol=1e-4)

@@ -378,6 +378,30 @@ def _model(name: str, deformable: bool) -> torch.nn.Module:
     return model
 
 
+def _on_torchvision_op(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its deformable layers computing through torchvision's op.
+
+    Each :class:`deformconv.DeformConv2d` keeps its parameters and offset head; only the
+    deformable convolution itself is ``torchvision.ops.deform_conv2d``: the same model,
+    run on the peer's kernel.
+    """
+    import torchvision.ops
+
+    from deformconv import DeformConv2d
+
+    for layer in model.modules():
+        if isinstance(layer, DeformConv2d):
+
+            def forward(input: torch.Tensor, m: DeformConv2d = layer) -> torch.Tensor:
+                offset, mask = m.offset_and_mask(input)
+                return torchvision.ops.deform_conv2d(
+                    input, offset, m.weight, m.bias, m.stride, m.padding, m.dilation, mask
+                )
+
+            layer.forward = forward  # type: ignore[method-assign]
+    return model
+
+
 def run_models(
     names: Sequence[str] = ("resnet50", "resnext50_32x4d"),
     batch: int = 8,
@@ -390,8 +414,10 @@ def run_models(
     """Model-level rows: each torchvision model plain and with ``deformify(last=3)``.
 
     Times a training step (forward, sum of the logits, backward; no optimizer) and
-    inference (``eval()``, ``no_grad``) on random ``(batch, 3, size, size)`` images, the two
-    variants taking turns in each round. Needs torchvision.
+    inference (``eval()``, ``no_grad``) on random ``(batch, 3, size, size)`` images for
+    three variants taking turns in each round: ``plain``, ``deformable`` and
+    ``torchvision`` (the same deformable model computing its deformable convolutions with
+    ``torchvision.ops.deform_conv2d``). Needs torchvision.
 
     Returns:
         ``{"batch", "size", "threads", "rows": [{"model", "ms": {...}}]}``; see
@@ -402,7 +428,11 @@ def run_models(
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     rows = []
     for name in names:
-        models = {"plain": _model(name, False), "deformable": _model(name, True)}
+        models = {
+            "plain": _model(name, False),
+            "deformable": _model(name, True),
+            "torchvision": _on_torchvision_op(_model(name, True)),
+        }
         row: dict[str, Any] = {"model": name, "ms": {}}
         for label in ("train", "infer"):
             steps: dict[str, Callable[[], None]] = {}
@@ -433,16 +463,21 @@ def models_to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Batch {result['batch']} of {result['size']}×{result['size']} images, "
         f"{result['threads']} threads, median of {result['repeat']} interleaved runs; "
-        "deformable = `deformify(model, last=3)`.",
+        "deformable = `deformify(model, last=3)`; on torchvision's op = the same deformable "
+        "model computing with `torchvision.ops.deform_conv2d`.",
         "",
-        "| model | train step plain | deformable | ratio | inference plain | deformable | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| model | train step plain | deformable | ratio | on torchvision's op | "
+        "torchvision / deformconv | inference plain | deformable | ratio | "
+        "on torchvision's op | torchvision / deformconv |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ms = r["ms"]
         cells = [r["model"]]
         for label in ("train", "infer"):
             plain, deform = ms[f"plain {label}"], ms[f"deformable {label}"]
+            peer = ms[f"torchvision {label}"]
             cells += [f"{plain:.0f}", f"{deform:.0f}", f"{deform / plain:.2f}x"]
+            cells += [f"{peer:.0f}", f"{peer / deform:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

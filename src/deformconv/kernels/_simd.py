@@ -103,37 +103,26 @@ def vmuladd(typingctx: Any, acc: Any, u: Any, v: Any) -> Any:
     return sig, codegen
 
 
-@intrinsic
-def vmul(typingctx: Any, u: Any, v: Any) -> Any:
-    """Lane-wise ``u·v``."""
-    sig = u(u, v)
+def _lanewise(instruction: str) -> Any:
+    """Typer of an intrinsic applying ``builder.<instruction>`` (fadd, fsub, fmul) lane-wise."""
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.fmul(args[0], args[1])
+    def typer(typingctx: Any, u: Any, v: Any) -> Any:
+        sig = u(u, v)
 
-    return sig, codegen
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return getattr(builder, instruction)(args[0], args[1])
 
+        return sig, codegen
 
-@intrinsic
-def vadd(typingctx: Any, u: Any, v: Any) -> Any:
-    """Lane-wise ``u + v``."""
-    sig = u(u, v)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.fadd(args[0], args[1])
-
-    return sig, codegen
+    return typer
 
 
-@intrinsic
-def vsub(typingctx: Any, u: Any, v: Any) -> Any:
-    """Lane-wise ``u - v``."""
-    sig = u(u, v)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.fsub(args[0], args[1])
-
-    return sig, codegen
+vmul = intrinsic(_lanewise("fmul"))
+vmul.__doc__ = "Lane-wise ``u·v``."
+vadd = intrinsic(_lanewise("fadd"))
+vadd.__doc__ = "Lane-wise ``u + v``."
+vsub = intrinsic(_lanewise("fsub"))
+vsub.__doc__ = "Lane-wise ``u - v``."
 
 
 @intrinsic

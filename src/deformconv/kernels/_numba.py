@@ -74,7 +74,7 @@ __all__ = ["CHANNEL_BLOCK", "WORKSPACE_BYTES", "backward", "forward"]
 
 #: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
 #: columns plus the grad columns). Peak extra memory is about this cap plus the output (or
-#: the gradients) and one channels-last copy of the input.
+#: the gradients) and channels-last copies of the input and of ``grad_output``.
 WORKSPACE_BYTES = 256 * 2**20
 
 #: Channels per ``_col2im`` task (per offset group). A fixed number, independent of the
@@ -429,6 +429,22 @@ def _channel_block(c_per: int, tasks_per_block: int) -> int:
 #: when the GEMM reads them.
 _FORWARD_CHUNK_BYTES = 16 * 2**20
 
+#: Backward chunks aim at this size: the GEMMs are still thousands of rows tall, and the
+#: workspace is a quarter of the cap (the peak memory of large batches).
+_BACKWARD_CHUNK_BYTES = 64 * 2**20
+
+
+def _backward_chunk_bytes(n_off: int, c_per: int, length: int, row_bytes: int) -> int:
+    """Workspace bytes per backward chunk.
+
+    ``_BACKWARD_CHUNK_BYTES``, or up to the cap when chunks that small would hold too few
+    images for ``_MIN_TASKS`` tasks of whole channel blocks (narrow layers: smaller blocks
+    repeat every sample's setup in each block).
+    """
+    images = -(-_MIN_TASKS // (n_off * -(-c_per // CHANNEL_BLOCK)))
+    return min(WORKSPACE_BYTES, max(_BACKWARD_CHUNK_BYTES, images * length * row_bytes))
+
+
 _cache = threading.local()
 
 
@@ -692,7 +708,9 @@ def backward(
     g_rows = grad_output.detach().to(p.dtype).reshape(p.n, p.groups, cog, p.length)
     g_rows = g_rows.permute(1, 0, 3, 2).contiguous().reshape(p.groups, total, cog)
     c_per = p.c_in // p.n_off
-    chunks = _chunks(p.n, p.length, 2 * p.row_width * p.x.element_size())
+    row_bytes = 2 * p.row_width * p.x.element_size()
+    cap = _backward_chunk_bytes(p.n_off, c_per, p.length, row_bytes)
+    chunks = _chunks(p.n, p.length, row_bytes, cap)
     images = -(-(chunks[0][1] - chunks[0][0]) // p.length) if chunks else 1  # per chunk
     block = _channel_block(c_per, images * p.n_off)
     n_blocks = max(1, -(-c_per // block))
@@ -735,8 +753,6 @@ def backward(
         grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
         if mask is not None:
             grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
-    if gx is not None:
-        grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
     if gw_mat is not None:
         k_h, k_w = weight.shape[2], weight.shape[3]
         grad_weight = gw_mat.reshape(p.groups, cog, k_h, k_w, p.c_pg).permute(0, 1, 4, 2, 3)
@@ -744,4 +760,8 @@ def backward(
     if bias is not None and want_b:
         # Summed from the contiguous rows: the same order whatever grad_output's strides.
         grad_bias = g_rows.sum(1).reshape(p.c_out).to(bias.dtype)
+    # The channels-last copies go before grad_input is allocated: a lower peak.
+    del p, g_rows
+    if gx is not None:
+        grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

@@ -425,9 +425,19 @@ def _channel_block(c_per: int, tasks_per_block: int) -> int:
     return max(1, block)
 
 
-#: Forward chunks aim at this size (below the cap) so the columns are still in cache
-#: when the GEMM reads them.
-_FORWARD_CHUNK_BYTES = 16 * 2**20
+#: Forward chunks aim at this size, so the columns are still in cache when the GEMM
+#: reads them, but hold at least ``_FORWARD_MIN_ROWS`` rows (up to
+#: ``_FORWARD_MAX_CHUNK_BYTES``), so wide layers' GEMMs stay tall.
+_FORWARD_CHUNK_BYTES = 4 * 2**20
+_FORWARD_MIN_ROWS = 1024
+_FORWARD_MAX_CHUNK_BYTES = 16 * 2**20
+
+
+def _forward_chunk_bytes(row_bytes: int) -> int:
+    """Workspace bytes per forward chunk (see ``_FORWARD_CHUNK_BYTES``)."""
+    wanted = max(_FORWARD_CHUNK_BYTES, _FORWARD_MIN_ROWS * row_bytes)
+    return min(WORKSPACE_BYTES, _FORWARD_MAX_CHUNK_BYTES, wanted)
+
 
 #: Backward chunks aim at this size: the GEMMs are still thousands of rows tall, and the
 #: workspace is a quarter of the cap (the peak memory of large batches).
@@ -636,7 +646,7 @@ def forward(
     out_maps = out.view(p.n, p.c_out, p.length)
     b = None if bias is None else bias.detach().to(p.dtype).reshape(p.c_out, 1)
     row_bytes = p.row_width * p.x.element_size()
-    chunks = _chunks(p.n, p.length, row_bytes, min(WORKSPACE_BYTES, _FORWARD_CHUNK_BYTES))
+    chunks = _chunks(p.n, p.length, row_bytes, _forward_chunk_bytes(row_bytes))
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     (cols,) = _workspace(rows, p.row_width, 1, p.dtype)
     for r0, r1 in chunks:

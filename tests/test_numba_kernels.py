@@ -68,6 +68,12 @@ EXTRA = {
         in_channels=96, out_channels=8, groups=4, offset_groups=3, mask=True
     ),  # fmt: skip
     "kernel_3x1_stride_3": Config(kernel=(3, 1), stride=(3, 2), padding=(1, 0), size=(10, 7)),
+    # Batch 1, four times more output channels than pixels per weight group: the forward's
+    # GEMM takes the weight in its own layout and reorders the columns instead.
+    "deep_batch_1": Config(batch=1, in_channels=5, out_channels=40, size=(3, 3)),
+    "deep_batch_1_groups": Config(
+        batch=1, in_channels=80, out_channels=96, groups=2, size=(3, 3), mask=True
+    ),  # fmt: skip
 }
 
 

@@ -520,6 +520,20 @@ def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     return w.transpose(2, 3).reshape(groups, c_out // groups, k_h * k_w * c_pg)
 
 
+def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """``(W, columnsᵀ)`` of weight group g in one (K, C_pg) order.
+
+    The columns' order when they are the larger operand; the weight's own order when it
+    is four times larger than the columns (deep layers at batch 1): a strided copy of
+    the columns then costs less than reordering the weight.
+    """
+    rows = cols.shape[0]
+    if 4 * rows > p.c_out // p.groups:
+        return p.w_mat[g], p.group_columns(cols, g).t()
+    cols_t = p.group_columns(cols, g).view(rows, p.k, p.c_pg).permute(2, 1, 0)
+    return p.w_own(g), cols_t.reshape(p.c_pg * p.k, rows)
+
+
 class _Problem:
     """Inputs in the compute dtype and layout the kernels use, plus the geometry."""
 
@@ -555,7 +569,17 @@ class _Problem:
         self.base_y, self.base_x = _base_grid(
             k_h, k_w, self.h_out, self.w_out, stride, padding, dilation, dt
         )
-        self.w_mat = _weight_matrix(weight, self.groups, dt)
+        self.weight = weight.detach().to(dt)
+
+    @functools.cached_property
+    def w_mat(self) -> Tensor:
+        """(groups, C_out/groups, K·C_pg): the weight in the columns' order."""
+        return _weight_matrix(self.weight, self.groups, self.dtype)
+
+    def w_own(self, g: int) -> Tensor:
+        """(C_out/groups, C_pg·K): group g's weight in its own layout (a view)."""
+        cog = self.c_out // self.groups
+        return self.weight.reshape(self.groups, cog, self.c_pg * self.k)[g]
 
     @property
     def row_width(self) -> int:
@@ -661,7 +685,7 @@ def forward(
             if n1 - n0 == 1 and r1 - r0 <= cog:
                 # Few pixels, many channels: W · columnsᵀ is the NCHW output's
                 # (C_out, pixels) block (row stride L), so BLAS writes it in place.
-                _gemm(p.w_mat[g], p.group_columns(chunk, g).t(), b_g, dst[0])
+                _gemm(*_few_pixel_operands(p, chunk, g), b_g, dst[0])
             else:  # columns · Wᵀ, the faster GEMM for many pixels, then to NCHW
                 rows_g = torch.mm(p.group_columns(chunk, g), p.w_mat[g].t())
                 maps = rows_g.view(n1 - n0, dst.shape[2], cog).transpose(1, 2)

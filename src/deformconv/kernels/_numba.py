@@ -67,6 +67,7 @@ from torch import Tensor
 
 from deformconv.kernels import _numba_threads
 from deformconv.kernels._chunks import plan_chunks
+from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum4
 
 _numba_threads.configure()  # before the first parallel kernel runs
 
@@ -258,6 +259,38 @@ def _axpy(a, ra, ca, y, ry, cy, cnt, alpha):  # pragma: no cover
         y[ry, cy + j] += alpha * a[ra, ca + j]
 
 
+_LANES = np.uint64(LANES)
+
+
+@numba.njit(inline="always")
+def _fused_vectors(
+    g, r, col, x, gx, i00, i01, i10, i11, cu, full, w00, w01, w10, w11, want_gx, want_dots
+):  # pragma: no cover
+    """Channels j < ``full`` (a multiple of 8) of one grad-column run, in 8-lane vectors.
+
+    ``gx[i_q, cu + j] += w_q · g[r, col + j]`` for the four corners q (in the order
+    00, 01, 10, 11, as the scalar loop: corners that share a clamped pixel add in the
+    same order), and returns the four dot products ``sum_j g[r, col + j] · x[i_q, cu + j]``
+    (lane j % 8 accumulates its channels, lanes summed in a fixed tree).
+    """
+    zero = g.dtype.type(0)
+    a00 = a01 = a10 = a11 = vsplat(zero)
+    s00, s01, s10, s11 = vsplat(w00), vsplat(w01), vsplat(w10), vsplat(w11)
+    for j in range(np.uint64(0), full, _LANES):
+        gv = vload(g, r, col + j)
+        if want_dots:
+            a00 = vmuladd(a00, gv, vload(x, i00, cu + j))
+            a01 = vmuladd(a01, gv, vload(x, i01, cu + j))
+            a10 = vmuladd(a10, gv, vload(x, i10, cu + j))
+            a11 = vmuladd(a11, gv, vload(x, i11, cu + j))
+        if want_gx:
+            vstore(gx, i00, cu + j, vmuladd(vload(gx, i00, cu + j), s00, gv))
+            vstore(gx, i01, cu + j, vmuladd(vload(gx, i01, cu + j), s01, gv))
+            vstore(gx, i10, cu + j, vmuladd(vload(gx, i10, cu + j), s10, gv))
+            vstore(gx, i11, cu + j, vmuladd(vload(gx, i11, cu + j), s11, gv))
+    return vsum4(a00, a01, a10, a11)
+
+
 @_serial_jit
 def _col2im_tasks(
     x,
@@ -341,17 +374,32 @@ def _col2im_tasks(
                     cnt = np.uint64(min(c_hi, (wg + 1) * c_pg) - c)
                     col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
                     cu = np.uint64(c)
+                    # Whole vectors: one pass reads each grad column once for the four dot
+                    # products and the four scatters.
+                    full = cnt // _LANES * _LANES
+                    if full > 0:
+                        e00, e01, e10, e11 = _fused_vectors(
+                            gcols, r, col, x, gx, i00, i01, i10, i11, cu, full,
+                            w00, w01, w10, w11, want_gx, want_off,
+                        )  # fmt: skip
+                        d00 += e00
+                        d01 += e01
+                        d10 += e10
+                        d11 += e11
+                    col += full
+                    cu += full
+                    rest = cnt - full
                     if want_off:
-                        e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, cnt)
+                        e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, rest)
                         d00 += e00
                         d01 += e01
                         d10 += e10
                         d11 += e11
                     if want_gx:
-                        _axpy(gcols, r, col, gx, i00, cu, cnt, w00)
-                        _axpy(gcols, r, col, gx, i01, cu, cnt, w01)
-                        _axpy(gcols, r, col, gx, i10, cu, cnt, w10)
-                        _axpy(gcols, r, col, gx, i11, cu, cnt, w11)
+                        _axpy(gcols, r, col, gx, i00, cu, rest, w00)
+                        _axpy(gcols, r, col, gx, i01, cu, rest, w01)
+                        _axpy(gcols, r, col, gx, i10, cu, rest, w10)
+                        _axpy(gcols, r, col, gx, i11, cu, rest, w11)
                     c += np.int64(cnt)
                 if not want_off:
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -58,3 +59,11 @@ def test_precompiled_kernels_are_loaded_not_compiled(tmp_path):
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ArgumentError, match=message):
         deformconv.precompile(**kwargs)
+
+
+def test_no_numba_backend_is_named(monkeypatch):
+    # Where Numba cannot be imported the CPU has only the reference backend.
+    module = importlib.import_module("deformconv.ops.precompile")  # the function shadows it
+    monkeypatch.setattr(module, "available_backends", lambda device: ("reference",))
+    with pytest.raises(ArgumentError, match="the Numba CPU backend is not available here"):
+        deformconv.precompile()

@@ -82,11 +82,13 @@ WORKSPACE_BYTES = 256 * 2**20
 #: thread count, so that the order of every floating-point sum is fixed.
 CHANNEL_BLOCK = 64
 
-#: ``_col2im`` splits channels into smaller blocks (down to 32) until a chunk has at least
-#: this many tasks, so that few large images still keep the cores busy. Shapes alone set
-#: the split (never the thread count), so results do not depend on the thread count.
+#: Backward chunks hold enough whole images for this many ``_col2im`` tasks where that
+#: fits the workspace cap (see ``_backward_chunk_bytes``). Blocks are never split below
+#: ``CHANNEL_BLOCK`` to make more tasks: every task repeats each sample's setup and
+#: streams the chunk's grad columns, so two half blocks cost about three times one
+#: (measured on 64 channels at 128×128). Shapes alone set the split, never the thread
+#: count, so results do not depend on the thread count.
 _MIN_TASKS = 2
-_MIN_BLOCK = 32
 
 #: Calls with fewer column elements (rows · row width) than this run the serial kernel
 #: body on the calling thread: below it a parallel launch costs more than it saves, and
@@ -465,14 +467,6 @@ def _chunks(
     ]
 
 
-def _channel_block(c_per: int, tasks_per_block: int) -> int:
-    """Channels per ``_col2im`` task: CHANNEL_BLOCK, smaller when there are few tasks."""
-    block = min(c_per, CHANNEL_BLOCK)
-    while block > _MIN_BLOCK and tasks_per_block * -(-c_per // block) < _MIN_TASKS:
-        block = max(_MIN_BLOCK, (block // 2 + 7) // 8 * 8)
-    return max(1, block)
-
-
 #: Forward chunks aim at this size, so the columns are still in cache when the GEMM
 #: reads them, but hold at least ``_FORWARD_MIN_ROWS`` rows (up to
 #: ``_FORWARD_MAX_CHUNK_BYTES``), so wide layers' GEMMs stay tall.
@@ -496,8 +490,7 @@ def _backward_chunk_bytes(n_off: int, c_per: int, length: int, row_bytes: int) -
     """Workspace bytes per backward chunk.
 
     ``_BACKWARD_CHUNK_BYTES``, or up to the cap when chunks that small would hold too few
-    images for ``_MIN_TASKS`` tasks of whole channel blocks (narrow layers: smaller blocks
-    repeat every sample's setup in each block).
+    images for ``_MIN_TASKS`` tasks of ``CHANNEL_BLOCK`` channels (narrow layers).
     """
     images = -(-_MIN_TASKS // (n_off * -(-c_per // CHANNEL_BLOCK)))
     return min(WORKSPACE_BYTES, max(_BACKWARD_CHUNK_BYTES, images * length * row_bytes))
@@ -793,8 +786,7 @@ def backward(
     row_bytes = 2 * p.row_width * p.x.element_size()
     cap = _backward_chunk_bytes(p.n_off, c_per, p.length, row_bytes)
     chunks = _chunks(p.n, p.length, row_bytes, cap)
-    images = -(-(chunks[0][1] - chunks[0][0]) // p.length) if chunks else 1  # per chunk
-    block = _channel_block(c_per, images * p.n_off)
+    block = max(1, min(c_per, CHANNEL_BLOCK))
     n_blocks = max(1, -(-c_per // block))
     gx = torch.zeros_like(p.x) if want_x else None
     gw_mat = None  # written by the first chunk (beta 0), zero when there is none

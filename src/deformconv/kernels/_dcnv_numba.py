@@ -17,6 +17,15 @@ Forward (parallel over blocks of output rows): per (row, group), sixteen channel
 time in two vector accumulators held across the group's points inside the map (then
 eight, then one at a time). Each row is written once.
 
+When a group's channels (a backward task's block) are a multiple of 8, as in every
+InternImage layer, a faster pass takes over, with the same sums. Its cost is the
+latency of the scattered loads of ``x``, so it keeps many of them in flight: the table
+also holds the corners' element offsets (64-bit, computed in vectors), the points are
+walked without a branch (a point outside the map has in-bounds corners and a select
+drops its terms; a mispredicted branch, which random offsets make common, would discard
+the loads in flight), and while it walks a group it prefetches the next group's
+corners, whose offsets the table already holds.
+
 Backward (parallel over tasks (image, range of groups, block of channels)): a task
 zeroes its part of ``grad_input``, then walks the image's output rows in order and,
 per point inside the map, makes one pass over its channels, eight at a time, that
@@ -63,7 +72,7 @@ import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 from torch import Tensor
 
@@ -145,6 +154,23 @@ def _vstore_corners(
             at = context.get_constant(types.intp, q)
             ptr = lanes_pointer(context, builder, sig.args[0], args[0], at, args[1])
             builder.store(builder.add(y, x), builder.bitcast(ptr, vty.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+    """A hint to bring the cache line of ``a[r, c]`` into the caches (never faults)."""
+    sig = types.none(a, r, c)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(lanes_pointer(context, builder, sig.args[0], *args), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -291,6 +317,10 @@ def _gather_fast(xf, of, ro, xo, n, table, corners, j_lo, n_p):  # pragma: no co
         a1 = vzero
         for j_ in range(j_lo, j_lo + n_p):
             j = np.uint64(j_)
+            if k == 0:
+                w = j + np.uint64(n_p)
+                for q in range(4):
+                    _prefetch(xf, 0, xo + n + corners[q, w])
             c = xo + k
             i0, i1 = c + corners[0, j], c + corners[1, j]
             i2, i3 = c + corners[2, j], c + corners[3, j]
@@ -349,7 +379,7 @@ def _forward(
     fast = c_g % LANES == 0
     for t in numba.prange((rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         table = np.empty((_FIELDS, full + LANES), kx.dtype)
-        corners = np.empty((4, full + LANES), np.int64)
+        corners = np.zeros((4, full + LANES + n_gp), np.int64)
         tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # the last n_gp % 8 points, padded
         tail_mask = np.zeros((1, LANES), kx.dtype)
         for r in range(t * _ROWS_PER_TASK, min(rows, (t + 1) * _ROWS_PER_TASK)):
@@ -389,7 +419,7 @@ def _forward(
 
 @numba.njit(inline="always")
 def _scatter_fast(
-    xf, gof, gxf, ro, xo, n, table, corners, lane_sums, cols, v_lo, n_p
+    xf, gof, gxf, ro, xo, n, table, corners, lane_sums, cols, v_lo, n_p, c_g
 ):  # pragma: no cover
     """The backward's pass over points ``v_lo : v_lo + n_p`` (one group), for ``n`` channels.
 
@@ -411,6 +441,10 @@ def _scatter_fast(
         c = xo + k
         for v_ in range(v_lo, v_lo + n_p):
             v = np.uint64(v_)
+            if k == 0:
+                w = v + np.uint64(n_p)
+                for q in range(4):
+                    _prefetch(xf, 0, xo + c_g + corners[q, w])
             ok = vsplat(table[_OK, v])
             g0 = vselect(ok, go0, vzero)
             i0, i1 = c + corners[0, v], c + corners[1, v]
@@ -508,7 +542,7 @@ def _backward(
         n_pts = (g_hi - g_lo) * n_p
         cols = (n_pts + LANES - 1) // LANES * LANES
         table = np.empty((_FIELDS, cols), kx.dtype)
-        corners = np.empty((4, cols), np.int64)
+        corners = np.zeros((4, cols + n_pts), np.int64)
         lane_sums = np.empty((4 * cols, LANES), kx.dtype)  # per (corner, point)
         dots = np.empty((4, cols), kx.dtype)  # d_q per point
         grads = np.empty((3, LANES), kx.dtype)
@@ -545,13 +579,13 @@ def _backward(
                     m = vload(tail_mask, 0, 0)
                 _points(table, corners, v, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox,
                         m, vscale, fh, fw, one, width, chans)  # fmt: skip
-            for gi in range(g_lo, g_hi):
-                if full != cnt:
-                    break
+            fast = full == cnt
+            for gi in range(g_lo, g_hi if fast else g_lo):
                 cg = gi * c_g + blk * block
                 _scatter_fast(xf, gof, gxf, r * chans + cg, pix * chans + cg, np.int64(cnt),
-                              table, corners, lane_sums, cols, (gi - g_lo) * n_p, n_p)  # fmt: skip
-            for v in range(n_pts if full != cnt else 0):
+                              table, corners, lane_sums, cols, (gi - g_lo) * n_p, n_p,
+                              c_g)  # fmt: skip
+            for v in range(0 if fast else n_pts):  # the generic pass
                 if table[_OK, v] == 0:
                     for q in range(4):
                         vstore(lane_sums, q * cols + v, 0, vzero)

@@ -17,6 +17,15 @@ Forward (parallel over blocks of output rows): per (row, group), sixteen channel
 time in two vector accumulators held across the group's points inside the map (then
 eight, then one at a time). Each row is written once.
 
+When a group's channels (a backward task's block) are a multiple of 8, as in every
+InternImage layer, a faster pass takes over, with the same sums. Its cost is the
+latency of the scattered loads of ``x``, so it keeps many of them in flight: the table
+also holds the corners' element offsets (64-bit, computed in vectors), the points are
+walked without a branch (a point outside the map has in-bounds corners and a select
+drops its terms; a mispredicted branch, which random offsets make common, would discard
+the loads in flight), and while it walks a group it prefetches the next group's
+corners, whose offsets the table already holds.
+
 Backward (parallel over tasks (image, range of groups, block of channels)): a task
 zeroes its part of ``grad_input``, then walks the image's output rows in order and,
 per point inside the map, makes one pass over its channels, eight at a time, that
@@ -62,11 +71,15 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
 from deformconv.kernels._simd import (
     LANES,
+    lanes_pointer,
     vadd,
     vfloor,
     vge,
@@ -113,9 +126,64 @@ _M = 15  # the mask (0 for a point outside)
 _FIELDS = 16
 
 
+@intrinsic
+def _vstore_corners(
+    typingctx: Any, tab: Any, col: Any, ry0: Any, ry1: Any, rx0: Any, rx1: Any, row: Any, pix: Any
+) -> Any:
+    """``tab[0:4, col : col + 8]``: the corners' element offsets ``ry·row + rx·pix``, 64-bit.
+
+    For (ry0, rx0), (ry0, rx1), (ry1, rx0), (ry1, rx1); the rows and columns (exact
+    integers, clamped into the map) are converted lane-wise, then multiplied and added
+    in 64-bit integer vectors.
+    """
+    sig = types.none(tab, col, ry0, ry1, rx0, rx1, row, pix)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vty = ir.VectorType(ir.IntType(64), LANES)
+        i32 = ir.IntType(32)
+        zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+        def splat(value: Any) -> Any:
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, i32(0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+        row, pix = splat(args[6]), splat(args[7])
+        ys = [builder.mul(builder.fptosi(v, vty), row) for v in args[2:4]]
+        xs = [builder.mul(builder.fptosi(v, vty), pix) for v in args[4:6]]
+        for q, (y, x) in enumerate((y, x) for y in ys for x in xs):
+            at = context.get_constant(types.intp, q)
+            ptr = lanes_pointer(context, builder, sig.args[0], args[0], at, args[1])
+            builder.store(builder.add(y, x), builder.bitcast(ptr, vty.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+    """A hint to bring the cache line of ``a[r, c]`` into the caches (never faults)."""
+    sig = types.none(a, r, c)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(lanes_pointer(context, builder, sig.args[0], *args), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(inline="always")
-def _points(table, col, by, bx, ky, kx, oy, ox, m, scale, fh, fw, one):  # pragma: no cover
-    """Fill ``table[:, col : col + 8]`` for eight points (vectors of positions' parts).
+def _points(
+    table, corners, col, by, bx, ky, kx, oy, ox, m, scale, fh, fw, one, width, chans
+):  # pragma: no cover
+    """Fill ``table[:, col : col + 8]`` and ``corners[:, col : col + 8]`` for eight points.
+
+    ``corners`` gets the four corners' element offsets in a channels-last image of
+    ``width`` columns and ``chans`` channels (see :func:`_vstore_corners`).
 
     A point's position is ``b + (k + o)·scale``. Lanes outside the map (NaN included:
     the comparisons are False) are replaced by -1 before the floor, so no NaN, infinite
@@ -147,10 +215,15 @@ def _points(table, col, by, bx, ky, kx, oy, ox, m, scale, fh, fw, one):  # pragm
     v01 = vmul(vy0, vx1)
     v10 = vmul(vy1, vx0)
     v11 = vmul(vy1, vx1)
-    vstore(table, _RY0, col, vmax(y0, vzero))
-    vstore(table, _RY1, col, vmin(vadd(y0, vone), vsub(vh, vone)))
-    vstore(table, _RX0, col, vmax(x0, vzero))
-    vstore(table, _RX1, col, vmin(vadd(x0, vone), vsub(vw, vone)))
+    ry0 = vmax(y0, vzero)
+    ry1 = vmin(vadd(y0, vone), vsub(vh, vone))
+    rx0 = vmax(x0, vzero)
+    rx1 = vmin(vadd(x0, vone), vsub(vw, vone))
+    vstore(table, _RY0, col, ry0)
+    vstore(table, _RY1, col, ry1)
+    vstore(table, _RX0, col, rx0)
+    vstore(table, _RX1, col, rx1)
+    _vstore_corners(corners, col, ry0, ry1, rx0, rx1, width * chans, chans)
     vstore(table, _W00, col, vmul(vmul(vmul(hy, hx), v00), m))
     vstore(table, _W01, col, vmul(vmul(vmul(hy, lx), v01), m))
     vstore(table, _W10, col, vmul(vmul(vmul(ly, hx), v10), m))
@@ -226,6 +299,61 @@ def _gather(x, out, r, c0, c_g, table, j_lo, n_p, pix, width):  # pragma: no cov
                 out[r, c] += w0 * x[i0, c] + w1 * x[i1, c] + w2 * x[i2, c] + w3 * x[i3, c]
 
 
+@numba.njit(inline="always")
+def _gather_fast(xf, of, ro, xo, n, table, corners, j_lo, n_p):  # pragma: no cover
+    """:func:`_gather` for ``n`` channels, a multiple of 8, without a branch per point.
+
+    ``of[0, ro : ro + n] = Σ_j Σ_q w_q(j) · xf[0, xo + corner_q(j) : … + n]``, with the
+    corners' element offsets precomputed. Every point is loaded (a point outside the map
+    has in-bounds corners) and a select drops the outside ones' terms: whether a point is
+    inside is random, and a mispredicted branch would empty the queue of loads in flight.
+    The sums are :func:`_gather`'s.
+    """
+    lanes = np.int64(LANES)
+    vzero = vsplat(of.dtype.type(0))
+    k = np.int64(0)
+    while k + 2 * lanes <= n:
+        a0 = vzero
+        a1 = vzero
+        for j_ in range(j_lo, j_lo + n_p):
+            j = np.uint64(j_)
+            if k == 0:
+                w = j + np.uint64(n_p)
+                for q in range(4):
+                    _prefetch(xf, 0, xo + n + corners[q, w])
+            c = xo + k
+            i0, i1 = c + corners[0, j], c + corners[1, j]
+            i2, i3 = c + corners[2, j], c + corners[3, j]
+            p0, p1 = vload(xf, 0, i0), vload(xf, 0, i1)
+            p2, p3 = vload(xf, 0, i2), vload(xf, 0, i3)
+            q0, q1 = vload(xf, 0, i0 + lanes), vload(xf, 0, i1 + lanes)
+            q2, q3 = vload(xf, 0, i2 + lanes), vload(xf, 0, i3 + lanes)
+            u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
+            u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
+            ok = vsplat(table[_OK, j])
+            s0 = vmuladd(vmul(u0, p0), u1, p1)
+            a0 = vadd(a0, vselect(ok, vmuladd(vmuladd(s0, u2, p2), u3, p3), vzero))
+            s1 = vmuladd(vmul(u0, q0), u1, q1)
+            a1 = vadd(a1, vselect(ok, vmuladd(vmuladd(s1, u2, q2), u3, q3), vzero))
+        vstore(of, 0, ro + k, a0)
+        vstore(of, 0, ro + k + lanes, a1)
+        k += 2 * lanes
+    if k < n:  # eight channels left
+        a0 = vzero
+        for j_ in range(j_lo, j_lo + n_p):
+            j = np.uint64(j_)
+            c = xo + k
+            u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
+            u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
+            s0 = vmuladd(
+                vmul(u0, vload(xf, 0, c + corners[0, j])), u1, vload(xf, 0, c + corners[1, j])
+            )
+            s0 = vmuladd(s0, u2, vload(xf, 0, c + corners[2, j]))
+            s0 = vmuladd(s0, u3, vload(xf, 0, c + corners[3, j]))
+            a0 = vadd(a0, vselect(vsplat(table[_OK, j]), s0, vzero))
+        vstore(of, 0, ro + k, a0)
+
+
 @_jit
 def _forward(
     x, off, mask, out, height, width, h_out, w_out, group, kx, ky, geo, scale
@@ -245,8 +373,13 @@ def _forward(
     vscale = vsplat(scale)
     full = n_gp // LANES * LANES
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
+    chans = x.shape[1]
+    xf = x.reshape(1, x.size)
+    of = out.reshape(1, out.size)
+    fast = c_g % LANES == 0
     for t in numba.prange((rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         table = np.empty((_FIELDS, full + LANES), kx.dtype)
+        corners = np.zeros((4, full + LANES + n_gp), np.int64)
         tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # the last n_gp % 8 points, padded
         tail_mask = np.zeros((1, LANES), kx.dtype)
         for r in range(t * _ROWS_PER_TASK, min(rows, (t + 1) * _ROWS_PER_TASK)):
@@ -259,8 +392,8 @@ def _forward(
             pix = b * height * width
             for j in range(0, full, LANES):
                 ox, oy = vload2(off, r, 2 * j)
-                _points(table, j, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox,
-                        vload(mask, r, j), vscale, fh, fw, one)  # fmt: skip
+                _points(table, corners, j, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox,
+                        vload(mask, r, j), vscale, fh, fw, one, width, chans)  # fmt: skip
             if full < n_gp:  # the row's last points: lanes past them are ignored
                 if (r + 1) * n_gp + LANES - (n_gp - full) <= rows * n_gp:
                     ox, oy = vload2(off, r, 2 * full)  # reads on into the next row
@@ -272,11 +405,83 @@ def _forward(
                         tail_mask[0, j - full] = mask[r, j]
                     ox, oy = vload2(tail_off, 0, 0)
                     m = vload(tail_mask, 0, 0)
-                _points(table, full, by, bx, vload(ky, 0, full), vload(kx, 0, full), oy, ox,
-                        m, vscale, fh, fw, one)  # fmt: skip
+                _points(table, corners, full, by, bx, vload(ky, 0, full), vload(kx, 0, full),
+                        oy, ox, m, vscale, fh, fw, one, width, chans)  # fmt: skip
+            if fast:
+                for g in range(group):
+                    _gather_fast(xf, of, r * chans + g * c_g, pix * chans + g * c_g, c_g,
+                                 table, corners, g * n_p, n_p)  # fmt: skip
+                continue
             for g in range(group):
                 _gather(x, out, np.uint64(r), np.uint64(g * c_g), c_g, table, g * n_p, n_p,
                         pix, width)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _scatter_fast(
+    xf, gof, gxf, ro, xo, n, table, corners, lane_sums, cols, v_lo, n_p, c_g
+):  # pragma: no cover
+    """The backward's pass over points ``v_lo : v_lo + n_p`` (one group), for ``n`` channels.
+
+    ``n`` is a multiple of 8. Sixteen channels at a time (then eight), for every point
+    in turn: the lanes of ``d_q = Σ_c grad_out[c] · x[corner_q, c]`` accumulated into
+    ``lane_sums`` and ``w_q·grad_out`` added to ``gxf`` at the four corners, each
+    corner's read-modify-write before the next (corners may share a row). As in
+    :func:`_gather_fast`, no branch per point: a point outside the map sees a zero
+    ``grad_out`` (a select), so it adds exact zeros, and its lane sums are dropped later.
+    The sums are those of the generic loop in :func:`_backward`.
+    """
+    lanes = np.int64(LANES)
+    vzero = vsplat(gof.dtype.type(0))
+    k = np.int64(0)
+    while k < n:
+        pair = k + 2 * lanes <= n
+        go0 = vload(gof, 0, ro + k)
+        go1 = vload(gof, 0, ro + k + lanes) if pair else vzero
+        c = xo + k
+        for v_ in range(v_lo, v_lo + n_p):
+            v = np.uint64(v_)
+            if k == 0:
+                w = v + np.uint64(n_p)
+                for q in range(4):
+                    _prefetch(xf, 0, xo + c_g + corners[q, w])
+            ok = vsplat(table[_OK, v])
+            g0 = vselect(ok, go0, vzero)
+            i0, i1 = c + corners[0, v], c + corners[1, v]
+            i2, i3 = c + corners[2, v], c + corners[3, v]
+            p0, p1 = vload(xf, 0, i0), vload(xf, 0, i1)
+            p2, p3 = vload(xf, 0, i2), vload(xf, 0, i3)
+            if k == 0:
+                s0 = s1 = s2 = s3 = vzero
+            else:
+                s0, s1 = vload(lane_sums, v, 0), vload(lane_sums, cols + v, 0)
+                s2, s3 = vload(lane_sums, 2 * cols + v, 0), vload(lane_sums, 3 * cols + v, 0)
+            s0, s1 = vmuladd(s0, g0, p0), vmuladd(s1, g0, p1)
+            s2, s3 = vmuladd(s2, g0, p2), vmuladd(s3, g0, p3)
+            u0, u1 = vsplat(table[_W00, v]), vsplat(table[_W01, v])
+            u2, u3 = vsplat(table[_W10, v]), vsplat(table[_W11, v])
+            if pair:
+                g1 = vselect(ok, go1, vzero)
+                d = lanes
+                s0 = vmuladd(s0, g1, vload(xf, 0, i0 + d))
+                s1 = vmuladd(s1, g1, vload(xf, 0, i1 + d))
+                s2 = vmuladd(s2, g1, vload(xf, 0, i2 + d))
+                s3 = vmuladd(s3, g1, vload(xf, 0, i3 + d))
+            vstore(gxf, 0, i0, vmuladd(vload(gxf, 0, i0), u0, g0))
+            vstore(gxf, 0, i1, vmuladd(vload(gxf, 0, i1), u1, g0))
+            vstore(gxf, 0, i2, vmuladd(vload(gxf, 0, i2), u2, g0))
+            vstore(gxf, 0, i3, vmuladd(vload(gxf, 0, i3), u3, g0))
+            if pair:
+                d = lanes
+                vstore(gxf, 0, i0 + d, vmuladd(vload(gxf, 0, i0 + d), u0, g1))
+                vstore(gxf, 0, i1 + d, vmuladd(vload(gxf, 0, i1 + d), u1, g1))
+                vstore(gxf, 0, i2 + d, vmuladd(vload(gxf, 0, i2 + d), u2, g1))
+                vstore(gxf, 0, i3 + d, vmuladd(vload(gxf, 0, i3 + d), u3, g1))
+            vstore(lane_sums, v, 0, s0)
+            vstore(lane_sums, cols + v, 0, s1)
+            vstore(lane_sums, 2 * cols + v, 0, s2)
+            vstore(lane_sums, 3 * cols + v, 0, s3)
+        k += 2 * lanes if pair else lanes
 
 
 @_jit
@@ -321,6 +526,10 @@ def _backward(
     vscale = vsplat(scale)
     lanes = np.uint64(LANES)
     s_h, s_w, b_h, b_w = geo[0], geo[1], geo[2], geo[3]
+    chans = x.shape[1]
+    xf = x.reshape(1, x.size)
+    gof = gout.reshape(1, gout.size)
+    gxf = gx.reshape(1, gx.size)
     for t in numba.prange(n_img * n_ranges * n_blocks):
         b = t // (n_ranges * n_blocks)
         g_lo = (t // n_blocks) % n_ranges * per_range
@@ -333,6 +542,7 @@ def _backward(
         n_pts = (g_hi - g_lo) * n_p
         cols = (n_pts + LANES - 1) // LANES * LANES
         table = np.empty((_FIELDS, cols), kx.dtype)
+        corners = np.zeros((4, cols + n_pts), np.int64)
         lane_sums = np.empty((4 * cols, LANES), kx.dtype)  # per (corner, point)
         dots = np.empty((4, cols), kx.dtype)  # d_q per point
         grads = np.empty((3, LANES), kx.dtype)
@@ -367,9 +577,15 @@ def _backward(
                         tail_mask[0, e] = mask[r, j + e]
                     ox, oy = vload2(tail_off, 0, 0)
                     m = vload(tail_mask, 0, 0)
-                _points(table, v, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox, m,
-                        vscale, fh, fw, one)  # fmt: skip
-            for v in range(n_pts):
+                _points(table, corners, v, by, bx, vload(ky, 0, j), vload(kx, 0, j), oy, ox,
+                        m, vscale, fh, fw, one, width, chans)  # fmt: skip
+            fast = full == cnt
+            for gi in range(g_lo, g_hi if fast else g_lo):
+                cg = gi * c_g + blk * block
+                _scatter_fast(xf, gof, gxf, r * chans + cg, pix * chans + cg, np.int64(cnt),
+                              table, corners, lane_sums, cols, (gi - g_lo) * n_p, n_p,
+                              c_g)  # fmt: skip
+            for v in range(0 if fast else n_pts):  # the generic pass
                 if table[_OK, v] == 0:
                     for q in range(4):
                         vstore(lane_sums, q * cols + v, 0, vzero)

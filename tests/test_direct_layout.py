@@ -74,3 +74,25 @@ def test_sums_do_not_depend_on_the_thread_count():
         finally:
             torch.set_num_threads(previous)
     assert torch.equal(got[0], got[1])
+
+
+@pytest.mark.parametrize("c_pg", [8, 1])  # grouped, depthwise
+def test_kept_scratch_is_never_returned_and_works_across_modes(c_pg):
+    # the channels-last scratch is reused by the next call: results must not alias it, and
+    # scratch first made in inference mode must stay writable outside it
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 6, 5)
+    offset = torch.randn(2, 18, 6, 5)
+    weight = torch.randn(16, c_pg, 3, 3)
+    bias = torch.randn(16)
+    geo = ((1, 1), (1, 1), (1, 1))
+    with torch.inference_mode():
+        first = _direct.forward(x, offset, None, weight, bias, *geo)
+    kept = first.clone()
+    grads = _direct.backward(torch.randn(2, 16, 6, 5), x, offset, None, weight, bias, *geo)
+    kept_grads = [None if g is None else g.clone() for g in grads]
+    _direct.forward(2 * x, offset, None, weight, bias, *geo)
+    _direct.backward(torch.randn(2, 16, 6, 5), 3 * x, offset, None, weight, bias, *geo)
+    assert torch.equal(first, kept)
+    for g, k in zip(grads, kept_grads, strict=True):
+        assert (g is None and k is None) or torch.equal(g, k)

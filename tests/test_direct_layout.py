@@ -52,6 +52,9 @@ def test_sources_of_any_layout_and_dtype():
         ref = s.float().permute(0, 2, 3, 1).reshape(-1, 24)
         assert torch.equal(rows, ref)
         torch.testing.assert_close(sums, ref.double().sum(0), rtol=1e-5, atol=1e-5)
+        # the same order of summation whatever the layout: the same bits
+        same = _direct._channels_last_into(torch.empty(60, 24), s.contiguous(), with_sums=True)
+        assert torch.equal(sums, same)
 
 
 def test_empty_batch():

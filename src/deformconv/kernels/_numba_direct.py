@@ -834,11 +834,31 @@ def _to_channels_last_kernel(src, dst, n_ch, with_sums, part, sums):  # pragma: 
         if with_sums:
             _rows_sum(dst, row, step, part, np.uint64(t))
     if with_sums:
-        for c in numba.prange(n_ch):
-            s = 0.0
-            for t in range(n * n_pb):
-                s += np.float64(part[t, c])
-            sums[c] = s
+        _sum_partials(part, n * n_pb, sums)
+
+
+@_jit
+def _column_sums_kernel(rows, n_pix, part, sums):  # pragma: no cover
+    # sums[c] = Σ rows[:, c] for rows already channels-last, in _to_channels_last_kernel's
+    # order: the same sums, bit for bit, whatever the layout of the source.
+    n = rows.shape[0] // n_pix
+    n_pb = (n_pix + _TRANSPOSE_PIXELS - 1) // _TRANSPOSE_PIXELS
+    for t in numba.prange(n * n_pb):
+        b = t // n_pb
+        q = (t - b * n_pb) * _TRANSPOSE_PIXELS
+        step = min(_TRANSPOSE_PIXELS, n_pix - q)
+        _rows_sum(rows, np.uint64(b * n_pix + q), step, part, np.uint64(t))
+    _sum_partials(part, n * n_pb, sums)
+
+
+@numba.njit(inline="always")
+def _sum_partials(part, n_part, sums):  # pragma: no cover
+    """``sums[c] = Σ_t part[t, c]`` for t < n_part, in float64, t in order."""
+    for c in numba.prange(part.shape[1]):
+        s = 0.0
+        for t in range(n_part):
+            s += np.float64(part[t, c])
+        sums[c] = s
 
 
 @numba.njit(inline="always")
@@ -867,17 +887,19 @@ def _channels_last_into(rows: Tensor, src: Tensor, with_sums: bool = False) -> T
     """
     n, c, h, w = src.shape
     src = src.detach().to(rows.dtype)
-    if src.permute(0, 2, 3, 1).is_contiguous():  # channels-last memory already: a plain copy
-        rows.view(n, h, w, c).copy_(src.permute(0, 2, 3, 1))
-        return rows.sum(0, dtype=torch.float64) if with_sums else None
-    src = src.contiguous()
     sums = torch.zeros(c, dtype=torch.float64)
     tasks = n * -(-h * w // _TRANSPOSE_PIXELS)
     part = torch.empty(tasks if with_sums else 1, c, dtype=rows.dtype)
-    if rows.numel() > 0:
+    if src.permute(0, 2, 3, 1).is_contiguous():  # channels-last memory already: a plain copy
+        rows.view(n, h, w, c).copy_(src.permute(0, 2, 3, 1))
+        if with_sums and rows.numel() > 0:
+            _numba_threads.launch(
+                _column_sums_kernel, rows.numpy(), h * w, part.numpy(), sums.numpy()
+            )
+    elif rows.numel() > 0:
         _numba_threads.launch(
-            _to_channels_last_kernel, src.reshape(n * c, h * w).numpy(), rows.numpy(), c,
-            with_sums, part.numpy(), sums.numpy(),
+            _to_channels_last_kernel, src.contiguous().reshape(n * c, h * w).numpy(),
+            rows.numpy(), c, with_sums, part.numpy(), sums.numpy(),
         )  # fmt: skip
     return sums if with_sums else None
 

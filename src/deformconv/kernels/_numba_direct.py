@@ -1125,9 +1125,9 @@ def backward(
     for i in range(1, g_off.shape[0]):
         grad_off = grad_off + g_off[i]
         grad_m = grad_m + g_mask[i]
-    gw = g_w[0]
+    gw = g_w[0]  # in place (this call's own buffer): no temporaries
     for i in range(1, g_w.shape[0]):
-        gw = gw + g_w[i]
+        gw += g_w[i]
     if not need_off:
         grad_off = torch.zeros_like(grad_off)
     if not need_mask:

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("numba")
 _direct = pytest.importorskip("deformconv.kernels._numba_direct")
+_layout = pytest.importorskip("deformconv.kernels._layout")
 _numba_threads = pytest.importorskip("deformconv.kernels._numba_threads")
 
 # (N, C, H, W): 8x8 tiles only; channel and pixel tails; one pixel; more pixels than a task
@@ -23,18 +24,18 @@ def test_channels_last_rows_and_sums(shape, dtype):
     n, c, h, w = shape
     src = torch.randn(shape, dtype=torch.float64).to(dtype)
     rows = torch.empty(n * h * w, c, dtype=dtype)
-    sums = _direct._channels_last_into(rows, src, with_sums=True)
+    sums = _layout._channels_last_into(rows, src, with_sums=True)
     assert torch.equal(rows, src.permute(0, 2, 3, 1).reshape(-1, c))
     assert sums is not None and sums.dtype == torch.float64
     torch.testing.assert_close(sums, src.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
-    assert _direct._channels_last_into(rows, src) is None
+    assert _layout._channels_last_into(rows, src) is None
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_channels_first_roundtrip(shape):
     n, c, h, w = shape
     rows = torch.randn(n * h * w, c)
-    out = _direct._to_channels_first(rows, n, h, w)
+    out = _layout._to_channels_first(rows, n, h, w)
     assert out.is_contiguous()
     assert torch.equal(out, rows.view(n, h, w, c).permute(0, 3, 1, 2))
 
@@ -48,20 +49,20 @@ def test_sources_of_any_layout_and_dtype():
         torch.zeros(1).expand(2, 24, 5, 6),  # broadcast, as sum().backward() gives
     ):
         rows = torch.empty(60, 24)
-        sums = _direct._channels_last_into(rows, s, with_sums=True)
+        sums = _layout._channels_last_into(rows, s, with_sums=True)
         ref = s.float().permute(0, 2, 3, 1).reshape(-1, 24)
         assert torch.equal(rows, ref)
         torch.testing.assert_close(sums, ref.double().sum(0), rtol=1e-5, atol=1e-5)
         # the same order of summation whatever the layout: the same bits
-        same = _direct._channels_last_into(torch.empty(60, 24), s.contiguous(), with_sums=True)
+        same = _layout._channels_last_into(torch.empty(60, 24), s.contiguous(), with_sums=True)
         assert torch.equal(sums, same)
 
 
 def test_empty_batch():
     rows = torch.empty(0, 8)
-    sums = _direct._channels_last_into(rows, torch.empty(0, 8, 3, 3), with_sums=True)
+    sums = _layout._channels_last_into(rows, torch.empty(0, 8, 3, 3), with_sums=True)
     assert torch.equal(sums, torch.zeros(8, dtype=torch.float64))
-    assert _direct._to_channels_first(rows, 0, 3, 3).shape == (0, 8, 3, 3)
+    assert _layout._to_channels_first(rows, 0, 3, 3).shape == (0, 8, 3, 3)
 
 
 def test_sums_do_not_depend_on_the_thread_count():
@@ -73,7 +74,7 @@ def test_sums_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
         try:
             with _numba_threads.threads():  # Numba follows torch's count, as in a call
-                got.append(_direct._channels_last_into(rows, src, with_sums=True))
+                got.append(_layout._channels_last_into(rows, src, with_sums=True))
         finally:
             torch.set_num_threads(previous)
     assert torch.equal(got[0], got[1])

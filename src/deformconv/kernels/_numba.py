@@ -67,6 +67,7 @@ from torch import Tensor
 
 from deformconv.kernels import _numba_threads
 from deformconv.kernels._chunks import plan_chunks
+from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
 from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum4
 
 _numba_threads.configure()  # before the first parallel kernel runs
@@ -575,6 +576,25 @@ def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tens
     return p.w_own(g), cols_t.reshape(p.c_pg * p.k, rows)
 
 
+def _grad_rows(grad_output: Tensor, p: _Problem) -> Tensor:
+    """(groups, N·L, C_out/groups): ``grad_output`` channels-last, per weight group."""
+    total, cog = p.n * p.length, p.c_out // p.groups
+    if p.groups == 1 and _parallel(grad_output.numel()):
+        rows = _scratch("dense_go", total, p.c_out, p.dtype)
+        _channels_last_into(rows, grad_output)
+        return rows.view(1, total, p.c_out)
+    g_rows = grad_output.detach().to(p.dtype).reshape(p.n, p.groups, cog, p.length)
+    return g_rows.permute(1, 0, 3, 2).contiguous().reshape(p.groups, total, cog)
+
+
+def _channels_first(rows: Tensor, shape: torch.Size) -> Tensor:
+    """(N·H·W, C) channels-last rows as a new contiguous (N, C, H, W) tensor."""
+    n, c, h, w = shape
+    if _parallel(rows.numel()):
+        return _to_channels_first(rows.reshape(-1, c), n, h, w)
+    return rows.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
 class _Problem:
     """Inputs in the compute dtype and layout the kernels use, plus the geometry."""
 
@@ -596,9 +616,15 @@ class _Problem:
         self.h_out, self.w_out = offset.shape[2], offset.shape[3]
         self.length = self.h_out * self.w_out
         self.n_off = offset.shape[1] // (2 * self.k)
-        self.x = input.detach().to(dt).permute(0, 2, 3, 1).contiguous()
-        self.height, self.width = self.x.shape[1], self.x.shape[2]
-        self.x2 = self.x.reshape(-1, self.c_in)  # (N·H·W, C_in)
+        self.height, self.width = input.shape[2], input.shape[3]
+        # (N·H·W, C_in): channels-last, in a scratch buffer the thread keeps (no page faults)
+        pixels = self.n * self.height * self.width
+        self.x2 = _scratch("dense_x", pixels, self.c_in, dt)
+        self.x = self.x2.view(self.n, self.height, self.width, self.c_in)
+        if _parallel(input.numel()):
+            _channels_last_into(self.x2, input)
+        else:  # small: a parallel launch costs more than torch's copy
+            self.x.copy_(input.detach().permute(0, 2, 3, 1))
         shape = (self.n, self.n_off, self.k, 2, self.length)
         self.off = offset.detach().to(dt).contiguous().reshape(shape)
         self.has_mask = mask is not None
@@ -777,18 +803,15 @@ def backward(
     want_x, want_off, want_m, want_w, want_b = needs_grad
     want_off = want_off or (want_m and mask is not None)  # one pass gives both
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
-    total = p.n * p.length
     cog = p.c_out // p.groups
-    # (N, C_out, H_out, W_out) -> (groups, N·L, C_out/groups)
-    g_rows = grad_output.detach().to(p.dtype).reshape(p.n, p.groups, cog, p.length)
-    g_rows = g_rows.permute(1, 0, 3, 2).contiguous().reshape(p.groups, total, cog)
+    g_rows = _grad_rows(grad_output, p)
     c_per = p.c_in // p.n_off
     row_bytes = 2 * p.row_width * p.x.element_size()
     cap = _backward_chunk_bytes(p.n_off, c_per, p.length, row_bytes)
     chunks = _chunks(p.n, p.length, row_bytes, cap)
     block = max(1, min(c_per, CHANNEL_BLOCK))
     n_blocks = max(1, -(-c_per // block))
-    gx = torch.zeros_like(p.x) if want_x else None
+    gx = _scratch("dense_gx", p.x2.shape[0], p.c_in, p.dtype).zero_() if want_x else None
     gw_mat = None  # written by the first chunk (beta 0), zero when there is none
     if want_w:
         gw_mat = torch.empty_like(p.w_mat) if chunks else torch.zeros_like(p.w_mat)
@@ -837,5 +860,5 @@ def backward(
     # The channels-last copies go before grad_input is allocated: a lower peak.
     del p, g_rows
     if gx is not None:
-        grad_input = gx.permute(0, 3, 1, 2).to(input.dtype).contiguous()
+        grad_input = _channels_first(gx, input.shape).to(input.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

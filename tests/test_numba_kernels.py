@@ -262,3 +262,30 @@ def test_bench_runs_and_writes_markdown():
     assert "| tiny modulated (1, 4→4, 6×5) |" in table
     assert result["backend"] == "numba"
     assert set(result["geomean"]) >= {"deformconv/conv2d fwd", "deformconv/conv2d fwd+bwd"}
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "size"),
+    [(1, 3, (5, 4)), (6, 1, (5, 4)), (6, 3, (1, 1)), (64, 3, (40, 40))],
+    ids=["one_channel", "kernel_1x1", "one_pixel", "large"],
+)
+def test_results_never_alias_the_kept_scratch(channels, kernel, size):
+    # The input, grad_output, grad_input and weight matrices live in scratch that the next
+    # call reuses: results (even where a permute is a view) must be fresh memory.
+    torch.manual_seed(0)
+    geo = ((1, 1), (kernel // 2, kernel // 2), (1, 1))
+    x = torch.randn(2, channels, *size)
+    offset = torch.randn(2, 2 * kernel * kernel, *size)
+    weight = torch.randn(5, channels, kernel, kernel)
+    bias = torch.randn(5)
+    grad_out = torch.randn(2, 5, *size)
+    with torch.inference_mode():
+        out = _numba.forward(x, offset, None, weight, bias, *geo)
+    grads = _numba.backward(grad_out, x, offset, None, weight, bias, *geo)
+    kept = [out.clone()] + [None if g is None else g.clone() for g in grads]
+    _numba.forward(-x, 2 * offset, None, 3 * weight, bias, *geo)
+    _numba.backward(-grad_out, 2 * x, offset, None, -weight, bias, *geo)
+    for got, want in zip([out, *grads], kept, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)

@@ -556,10 +556,15 @@ def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
 
     Each output channel's weights in the columns' order. Only (C_pg, K) swaps, within one
     output channel's weights (in cache); the GEMMs read it transposed where they need to.
+    Written into the thread's kept scratch: a deep layer's weight is megabytes of pages
+    that would fault on every call.
     """
     c_out, c_pg, k_h, k_w = weight.shape
-    w = weight.detach().to(dtype).reshape(groups, c_out // groups, c_pg, k_h * k_w)
-    return w.transpose(2, 3).reshape(groups, c_out // groups, k_h * k_w * c_pg)
+    cog, k = c_out // groups, k_h * k_w
+    out = _scratch("dense_w", groups * cog, k * c_pg, dtype).view(groups, cog, k * c_pg)
+    w = weight.detach().reshape(groups, cog, c_pg, k).transpose(2, 3)
+    out.view(groups, cog, k, c_pg).copy_(w)
+    return out
 
 
 def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tensor]:
@@ -588,11 +593,14 @@ def _grad_rows(grad_output: Tensor, p: _Problem) -> Tensor:
 
 
 def _channels_first(rows: Tensor, shape: torch.Size) -> Tensor:
-    """(N·H·W, C) channels-last rows as a new contiguous (N, C, H, W) tensor."""
+    """(N·H·W, C) channels-last rows (scratch) as a new contiguous (N, C, H, W) tensor."""
     n, c, h, w = shape
     if _parallel(rows.numel()):
         return _to_channels_first(rows.reshape(-1, c), n, h, w)
-    return rows.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    # a fresh tensor even where the permute is a view (one channel or one pixel)
+    return torch.empty(n, c, h, w, dtype=rows.dtype).copy_(
+        rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    )
 
 
 class _Problem:
@@ -814,7 +822,10 @@ def backward(
     gx = _scratch("dense_gx", p.x2.shape[0], p.c_in, p.dtype).zero_() if want_x else None
     gw_mat = None  # written by the first chunk (beta 0), zero when there is none
     if want_w:
-        gw_mat = torch.empty_like(p.w_mat) if chunks else torch.zeros_like(p.w_mat)
+        gw_mat = _scratch("dense_gw", p.c_out, p.row_width // p.groups, p.dtype)
+        gw_mat = gw_mat.view(p.w_mat.shape)
+        if not chunks:
+            gw_mat.zero_()
     g_off = p.x.new_empty(n_blocks, *p.off.shape) if want_off else None
     g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length) if want_off else None
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
@@ -852,8 +863,10 @@ def backward(
             grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
     if gw_mat is not None:
         k_h, k_w = weight.shape[2], weight.shape[3]
-        grad_weight = gw_mat.reshape(p.groups, cog, k_h, k_w, p.c_pg).permute(0, 1, 4, 2, 3)
-        grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+        own = gw_mat.reshape(p.groups, cog, k_h, k_w, p.c_pg).permute(0, 1, 4, 2, 3)
+        # a fresh tensor even where the permute is a view (1x1 kernels): gw_mat is scratch
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype)
+        grad_weight.view(own.shape).copy_(own)
     if bias is not None and want_b:
         # Summed from the contiguous rows: the same order whatever grad_output's strides.
         grad_bias = g_rows.sum(1).reshape(p.c_out).to(bias.dtype)

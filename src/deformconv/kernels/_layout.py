@@ -231,6 +231,18 @@ class _Kept(threading.local):
 _kept = _Kept()
 
 
+#: Scratch starts on a cache line, as torch's own allocations do (NumPy's may start on
+#: 16 bytes: BLAS reads such a weight matrix measurably slower).
+_ALIGN = 64
+
+
+def _aligned(size: int, dtype: np.dtype) -> np.ndarray:
+    """An empty 1-D array of ``size`` elements whose data starts on ``_ALIGN`` bytes."""
+    raw = np.empty(size + _ALIGN // dtype.itemsize, dtype=dtype)
+    skip = (-raw.ctypes.data % _ALIGN) // dtype.itemsize
+    return raw[skip : skip + size]
+
+
 def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """A (rows, cols) buffer for this call only, contents undefined; never return it.
 
@@ -244,7 +256,7 @@ def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     kept = _kept.buffers
     buf = kept.get(key)
     if buf is None or buf.size < size:
-        buf = np.empty(size, dtype=np_dtype)
+        buf = _aligned(size, np_dtype)
         others = sum(b.nbytes for k, b in kept.items() if k != key)
         if others + buf.nbytes <= _KEEP_BYTES:
             kept[key] = buf

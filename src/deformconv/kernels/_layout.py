@@ -99,6 +99,14 @@ def _transpose_block(src, r, c, dst, rr, cc, n_r, n_c):  # pragma: no cover
 _TRANSPOSE_PIXELS = 32
 
 
+@numba.njit(inline="always")
+def _pixel_block(t, n_pb, n_pix):  # pragma: no cover
+    """Task t's image b, first pixel q and pixel count: ``n_pb`` blocks per image."""
+    b = t // n_pb
+    q = (t - b * n_pb) * _TRANSPOSE_PIXELS
+    return b, q, min(_TRANSPOSE_PIXELS, n_pix - q)
+
+
 @_jit
 def _to_channels_first_kernel(src, dst, n_ch):  # pragma: no cover
     # src: (N·P, C) -> dst: (N·C, P); a task turns a block of pixels of one image.
@@ -106,9 +114,7 @@ def _to_channels_first_kernel(src, dst, n_ch):  # pragma: no cover
     n = dst.shape[0] // n_ch
     n_pb = (n_pix + _TRANSPOSE_PIXELS - 1) // _TRANSPOSE_PIXELS
     for t in numba.prange(n * n_pb):
-        b = t // n_pb
-        q = (t - b * n_pb) * _TRANSPOSE_PIXELS
-        step = min(_TRANSPOSE_PIXELS, n_pix - q)
+        b, q, step = _pixel_block(t, n_pb, n_pix)
         _transpose_block(
             src, np.uint64(b * n_pix + q), np.uint64(0), dst, np.uint64(b * n_ch),
             np.uint64(q), np.uint64(step), np.uint64(n_ch),
@@ -124,9 +130,7 @@ def _to_channels_last_kernel(src, dst, n_ch, with_sums, part, sums):  # pragma: 
     n = src.shape[0] // n_ch
     n_pb = (n_pix + _TRANSPOSE_PIXELS - 1) // _TRANSPOSE_PIXELS
     for t in numba.prange(n * n_pb):
-        b = t // n_pb
-        q = (t - b * n_pb) * _TRANSPOSE_PIXELS
-        step = min(_TRANSPOSE_PIXELS, n_pix - q)
+        b, q, step = _pixel_block(t, n_pb, n_pix)
         row = np.uint64(b * n_pix + q)
         _transpose_block(
             src, np.uint64(b * n_ch), np.uint64(q), dst, row, np.uint64(0), np.uint64(n_ch),
@@ -145,9 +149,7 @@ def _column_sums_kernel(rows, n_pix, part, sums):  # pragma: no cover
     n = rows.shape[0] // n_pix
     n_pb = (n_pix + _TRANSPOSE_PIXELS - 1) // _TRANSPOSE_PIXELS
     for t in numba.prange(n * n_pb):
-        b = t // n_pb
-        q = (t - b * n_pb) * _TRANSPOSE_PIXELS
-        step = min(_TRANSPOSE_PIXELS, n_pix - q)
+        b, q, step = _pixel_block(t, n_pb, n_pix)
         _rows_sum(rows, np.uint64(b * n_pix + q), step, part, np.uint64(t))
     _sum_partials(part, n * n_pb, sums)
 

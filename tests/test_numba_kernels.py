@@ -289,3 +289,41 @@ def test_results_never_alias_the_kept_scratch(channels, kernel, size):
         assert (got is None) == (want is None)
         if got is not None:
             assert torch.equal(got, want)
+
+
+_onednn = pytest.importorskip("deformconv.kernels._onednn")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("route", ["onednn", "mm", "mixed"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Config(batch=3, in_channels=8, out_channels=12, size=(7, 6), mask=True),
+        Config(batch=2, in_channels=80, out_channels=96, groups=2, offset_groups=2, size=(5, 4)),
+    ],
+    ids=["dense", "wide_groups"],
+)
+def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
+    # Each of the three GEMMs runs in oneDNN or torch.mm by its size; force each route
+    # (mixed: oneDNN for the output and the weight, mm for the grad columns, in chunks
+    # of one image), check that it was taken, and compare with the reference.
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(_onednn, f"{name}_rows")
+
+        def counted(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(_onednn, f"{name}_rows", counted)
+    on = route != "mm"
+    monkeypatch.setattr(_onednn, "MIN_ROWS", 1 if on else 10**9)
+    monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS", 1 if on else 10**9)
+    monkeypatch.setattr(_onednn, "MAX_FRESH_BYTES", 0 if route == "mixed" else 2**40)
+    if route == "mixed":
+        row_bytes = 2 * cfg.in_channels * 9 * 4
+        monkeypatch.setattr(_numba, "WORKSPACE_BYTES", cfg.size[0] * cfg.size[1] * row_bytes)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
+    _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
+    assert (calls["forward"] > 0) == on and (calls["backward"] > 0) == on, calls

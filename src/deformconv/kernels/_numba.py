@@ -8,14 +8,17 @@ Forward, per chunk of output pixels (rows):
    channel loop vectorises) and written to a column buffer of shape
    (rows, groups, K_h·K_w, C_in/groups): one row per output pixel, each weight group's
    columns contiguous.
-2. one GEMM per weight group: ``columns · Wᵀ`` into (rows, C_out/groups), copied to
-   NCHW with the bias. A chunk inside one image with no more pixels than output channels
-   (small-batch inference of deep layers) computes ``W · columnsᵀ`` instead, which is
-   the image's (C_out, pixels) block of the NCHW output: BLAS writes it in place (row
-   stride H_out·W_out), bias included, and this orientation is the faster GEMM there.
+2. the GEMM ``columns · Wᵀ`` into (rows, C_out), copied to NCHW: for float32 one
+   oneDNN 1x1 convolution over all weight groups with the bias fused
+   (:mod:`deformconv.kernels._onednn`, twice MKL's speed on AMD CPUs), else one BLAS
+   GEMM per weight group. A BLAS chunk inside one image with no more pixels than output
+   channels (small-batch inference of deep layers) computes ``W · columnsᵀ`` instead,
+   which is the image's (C_out, pixels) block of the NCHW output: BLAS writes it in place
+   (row stride H_out·W_out), bias included, and this orientation is the faster GEMM there.
 
 Backward, per chunk: ``_im2col`` again (columns are recomputed, not stored),
-``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs), then
+``grad_W += columnsᵀ · grad_rows`` and ``grad_columns = grad_rows · W`` (GEMMs, each in
+oneDNN where its size pays for it, see :mod:`deformconv.kernels._onednn`), then
 ``_col2im`` scatters ``grad_columns`` into a channels-last ``grad_input`` and, in the same
 pass, computes the offset and mask gradients from the four dot products
 ``sum_c grad_column[c] · x[corner, c]``. ``_col2im`` runs in parallel over tasks (image,
@@ -65,7 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deformconv.kernels import _numba_threads
+from deformconv.kernels import _numba_threads, _onednn
 from deformconv.kernels._chunks import plan_chunks
 from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
 from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum4
@@ -582,14 +585,14 @@ def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tens
 
 
 def _grad_rows(grad_output: Tensor, p: _Problem) -> Tensor:
-    """(groups, N·L, C_out/groups): ``grad_output`` channels-last, per weight group."""
-    total, cog = p.n * p.length, p.c_out // p.groups
-    if p.groups == 1 and _parallel(grad_output.numel()):
-        rows = _scratch("dense_go", total, p.c_out, p.dtype)
+    """(N·L, C_out): ``grad_output`` channels-last (scratch; group g's are columns g·cog...)."""
+    rows = _scratch("dense_go", p.n * p.length, p.c_out, p.dtype)
+    if _parallel(grad_output.numel()):
         _channels_last_into(rows, grad_output)
-        return rows.view(1, total, p.c_out)
-    g_rows = grad_output.detach().to(p.dtype).reshape(p.n, p.groups, cog, p.length)
-    return g_rows.permute(1, 0, 3, 2).contiguous().reshape(p.groups, total, cog)
+    else:  # small: a parallel launch costs more than torch's copy
+        maps = rows.view(p.n, p.h_out, p.w_out, p.c_out)
+        maps.copy_(grad_output.detach().permute(0, 2, 3, 1))
+    return rows
 
 
 def _channels_first(rows: Tensor, shape: torch.Size) -> Tensor:
@@ -650,6 +653,11 @@ class _Problem:
     def w_mat(self) -> Tensor:
         """(groups, C_out/groups, K·C_pg): the weight in the columns' order."""
         return _weight_matrix(self.weight, self.groups, self.dtype)
+
+    @property
+    def w_rows(self) -> Tensor:
+        """(C_out, K·C_pg): :attr:`w_mat` with the groups' output channels in one list."""
+        return self.w_mat.view(self.c_out, -1)
 
     def w_own(self, g: int) -> Tensor:
         """(C_out/groups, C_pg·K): group g's weight in its own layout (a view)."""
@@ -753,6 +761,13 @@ def forward(
         p.im2col(chunk, r0)
         n0, n1 = r0 // p.length, -(-r1 // p.length)  # the images of the chunk
         l0 = r0 - n0 * p.length  # 0 unless the chunk is a slice of one image
+        if _onednn.pays_for_output(p.dtype, r1 - r0):  # all groups in one call, bias fused
+            rows_all = _onednn.forward_rows(
+                chunk, p.w_rows, None if b is None else b[:, 0], p.groups
+            )
+            maps = rows_all.view(n1 - n0, (r1 - r0) // (n1 - n0), p.c_out).transpose(1, 2)
+            out_maps[n0:n1, :, l0 : l0 + maps.shape[2]].copy_(maps)
+            continue
         for g in range(p.groups):
             c_lo, c_hi = g * cog, (g + 1) * cog
             b_g = None if b is None else b[c_lo:c_hi]
@@ -828,24 +843,36 @@ def backward(
             gw_mat.zero_()
     g_off = p.x.new_empty(n_blocks, *p.off.shape) if want_off else None
     g_mask = p.x.new_empty(n_blocks, p.n, p.n_off, p.k, p.length) if want_off else None
+    want_cols = gx is not None or g_off is not None
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     cols, gcols = _workspace(rows, p.row_width, 2, p.dtype)
     for r0, r1 in chunks:
-        chunk, gchunk = cols[: r1 - r0], gcols[: r1 - r0]
+        chunk, g_chunk = cols[: r1 - r0], g_rows[r0:r1]
         if gw_mat is not None:
             p.im2col(chunk, r0)
-        for g in range(p.groups):
-            if gw_mat is not None:
-                beta = 0.0 if r0 == 0 else 1.0  # beta 0: ignores (never reads) the buffer
-                gw_mat[g].addmm_(g_rows[g, r0:r1].t(), p.group_columns(chunk, g), beta=beta)
-            if gx is None and g_off is None:
-                continue
-            if p.groups == 1:
-                torch.mm(g_rows[g, r0:r1], p.w_mat[g], out=gchunk)
-            else:
-                p.group_columns(gchunk, g).copy_(g_rows[g, r0:r1] @ p.w_mat[g])
-        if gx is not None or g_off is not None:
-            p.col2im(gchunk, r0, gx, g_off, g_mask, block, n_blocks)
+        dnn_w = gw_mat is not None and _onednn.pays_for_weight(p.dtype, r1 - r0)
+        dnn_cols = want_cols and _onednn.pays_for_columns(p.dtype, *chunk.shape)
+        g_columns, gw = None, None
+        if dnn_w or dnn_cols:
+            g_columns, gw = _onednn.backward_rows(
+                g_chunk, chunk, p.w_rows, p.groups, dnn_cols, dnn_w
+            )
+        if gw is not None and gw_mat is not None:
+            gw_all = gw_mat.view(gw.shape)
+            gw_all.copy_(gw) if r0 == 0 else gw_all.add_(gw)
+        elif gw_mat is not None:
+            beta = 0.0 if r0 == 0 else 1.0  # beta 0: ignores (never reads) the buffer
+            for g in range(p.groups):
+                g_rows_g = g_chunk[:, g * cog : (g + 1) * cog]
+                gw_mat[g].addmm_(g_rows_g.t(), p.group_columns(chunk, g), beta=beta)
+        if not want_cols:
+            continue
+        if g_columns is None:
+            g_columns = gcols[: r1 - r0]
+            for g in range(p.groups):
+                g_rows_g = g_chunk[:, g * cog : (g + 1) * cog]
+                torch.mm(g_rows_g, p.w_mat[g], out=p.group_columns(g_columns, g))
+        p.col2im(g_columns, r0, gx, g_off, g_mask, block, n_blocks)
     grad_input: Tensor | None = None
     grad_offset: Tensor | None = None
     grad_mask: Tensor | None = None
@@ -869,7 +896,7 @@ def backward(
         grad_weight.view(own.shape).copy_(own)
     if bias is not None and want_b:
         # Summed from the contiguous rows: the same order whatever grad_output's strides.
-        grad_bias = g_rows.sum(1).reshape(p.c_out).to(bias.dtype)
+        grad_bias = g_rows.sum(0).to(bias.dtype)
     # The channels-last copies go before grad_input is allocated: a lower peak.
     del p, g_rows
     if gx is not None:

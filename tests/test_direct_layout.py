@@ -1,4 +1,4 @@
-"""Layout changes of the direct CPU kernels: channels-first <-> channels-last rows.
+"""Layout changes of the CPU kernels: channels-first <-> channels-last rows.
 
 Oracle: torch's permute-copy (exact: the transposes only move elements) and a float64
 sum for the per-channel sums of ``grad_output``.
@@ -13,6 +13,15 @@ pytest.importorskip("numba")
 _direct = pytest.importorskip("deformconv.kernels._numba_direct")
 _layout = pytest.importorskip("deformconv.kernels._layout")
 _numba_threads = pytest.importorskip("deformconv.kernels._numba_threads")
+
+
+@pytest.fixture(autouse=True, params=["transpose_kernels", "torch_copy"])
+def route(request, monkeypatch):
+    # Every test runs through the Numba transposes and through the small tensors' route.
+    small = 0 if request.param == "transpose_kernels" else 2**62
+    monkeypatch.setattr(_layout, "SMALL_ELEMENTS", small)
+    return request.param
+
 
 # (N, C, H, W): 8x8 tiles only; channel and pixel tails; one pixel; more pixels than a task
 SHAPES = [(2, 16, 8, 4), (3, 13, 7, 5), (1, 9, 1, 1), (2, 24, 9, 11), (1, 3, 40, 3)]

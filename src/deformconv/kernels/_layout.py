@@ -3,9 +3,10 @@
 NCHW <-> channels-last rows by Numba transposes of 8x8 tiles in registers, a task per
 32 pixels of an image (2.5-3x faster than torch's permute-copy here); the copy to
 channels-last can also return the per-channel sums (a bias gradient) in an order fixed by
-the shapes. ``_scratch`` hands out buffers that each calling thread keeps for its next
-call, up to :data:`_KEEP_BYTES` in all: fresh memory costs a page fault per 4 KiB page on
-first touch, more than the copy into it.
+the shapes. Small tensors (:data:`SMALL_ELEMENTS`) take torch's copy instead.
+``_scratch`` hands out buffers that each calling thread keeps for its next call, up to
+:data:`_KEEP_BYTES` in all: fresh memory costs a page fault per 4 KiB page on first touch,
+more than the copy into it.
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ def _rows_sum(a, r, n_r, out, o):  # pragma: no cover
             out[o, c] += a[ri, c]
 
 
+#: Tensors with fewer elements than this are laid out by torch's copy: a parallel launch
+#: costs more than it saves there, and a first small call compiles no layout kernel.
+SMALL_ELEMENTS = 2**16
+
+
 def _channels_last_into(rows: Tensor, src: Tensor, with_sums: bool = False) -> Tensor | None:
     """Copy (N, C, H, W) ``src`` into the (N·H·W, C) ``rows`` (rows' dtype).
 
@@ -190,6 +196,9 @@ def _channels_last_into(rows: Tensor, src: Tensor, with_sums: bool = False) -> T
     """
     n, c, h, w = src.shape
     src = src.detach().to(rows.dtype)
+    if src.numel() < SMALL_ELEMENTS:
+        rows.view(n, h, w, c).copy_(src.permute(0, 2, 3, 1))
+        return rows.sum(0, dtype=torch.float64) if with_sums else None
     sums = torch.zeros(c, dtype=torch.float64)
     tasks = n * -(-h * w // _TRANSPOSE_PIXELS)
     part = torch.empty(tasks if with_sums else 1, c, dtype=rows.dtype)
@@ -208,10 +217,12 @@ def _channels_last_into(rows: Tensor, src: Tensor, with_sums: bool = False) -> T
 
 
 def _to_channels_first(rows: Tensor, n: int, h: int, w: int) -> Tensor:
-    """(N·H·W, C) channels-last rows as a contiguous (N, C, H, W) tensor."""
+    """(N·H·W, C) channels-last rows as a new contiguous (N, C, H, W) tensor."""
     c = rows.shape[1]
     out = torch.empty(n, c, h, w, dtype=rows.dtype)
-    if out.numel() > 0:
+    if out.numel() < SMALL_ELEMENTS:
+        out.copy_(rows.view(n, h, w, c).permute(0, 3, 1, 2))
+    else:
         _numba_threads.launch(
             _to_channels_first_kernel, rows.numpy(), out.reshape(n * c, h * w).numpy(), c
         )

@@ -587,23 +587,8 @@ def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tens
 def _grad_rows(grad_output: Tensor, p: _Problem) -> Tensor:
     """(N·L, C_out): ``grad_output`` channels-last (scratch; group g's are columns g·cog...)."""
     rows = _scratch("dense_go", p.n * p.length, p.c_out, p.dtype)
-    if _parallel(grad_output.numel()):
-        _channels_last_into(rows, grad_output)
-    else:  # small: a parallel launch costs more than torch's copy
-        maps = rows.view(p.n, p.h_out, p.w_out, p.c_out)
-        maps.copy_(grad_output.detach().permute(0, 2, 3, 1))
+    _channels_last_into(rows, grad_output)
     return rows
-
-
-def _channels_first(rows: Tensor, shape: torch.Size) -> Tensor:
-    """(N·H·W, C) channels-last rows (scratch) as a new contiguous (N, C, H, W) tensor."""
-    n, c, h, w = shape
-    if _parallel(rows.numel()):
-        return _to_channels_first(rows.reshape(-1, c), n, h, w)
-    # a fresh tensor even where the permute is a view (one channel or one pixel)
-    return torch.empty(n, c, h, w, dtype=rows.dtype).copy_(
-        rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    )
 
 
 class _Problem:
@@ -632,10 +617,7 @@ class _Problem:
         pixels = self.n * self.height * self.width
         self.x2 = _scratch("dense_x", pixels, self.c_in, dt)
         self.x = self.x2.view(self.n, self.height, self.width, self.c_in)
-        if _parallel(input.numel()):
-            _channels_last_into(self.x2, input)
-        else:  # small: a parallel launch costs more than torch's copy
-            self.x.copy_(input.detach().permute(0, 2, 3, 1))
+        _channels_last_into(self.x2, input)
         shape = (self.n, self.n_off, self.k, 2, self.length)
         self.off = offset.detach().to(dt).contiguous().reshape(shape)
         self.has_mask = mask is not None
@@ -900,5 +882,6 @@ def backward(
     # The channels-last copies go before grad_input is allocated: a lower peak.
     del p, g_rows
     if gx is not None:
-        grad_input = _channels_first(gx, input.shape).to(input.dtype)
+        n, _, h, w = input.shape
+        grad_input = _to_channels_first(gx, n, h, w).to(input.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

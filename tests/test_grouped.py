@@ -147,6 +147,10 @@ EXTRA = {
         size=(9, 7),
     ),  # fmt: skip
     "slots_wrap": Config(batch=11, in_channels=4, out_channels=4, groups=4, size=(3, 4)),
+    # The widest groups the dispatch sends to the direct kernels (MAX_GROUP_CHANNELS)
+    "groups_of_64_channels": Config(
+        in_channels=128, out_channels=96, groups=2, offset_groups=2, mask=True, size=(5, 4)
+    ),  # fmt: skip
 }
 
 
@@ -246,7 +250,7 @@ def test_bitwise_deterministic():
     [
         (256, 256, 1, False),  # dense: one GEMM
         (256, 256, 2, False),  # 128 channels per group: GEMMs
-        (256, 256, 4, False),  # 64 channels per group: GEMMs
+        (256, 256, 4, True),  # 64 channels per group
         (256, 256, 8, True),  # 32 channels per group
         (256, 256, 32, True),  # ResNeXt 32x8d
         (512, 512, 32, True),  # 16 channels per group

@@ -108,9 +108,10 @@ __all__ = ["MAX_GROUP_CHANNELS", "SLOTS", "backward", "forward", "prefers_direct
 
 #: The direct kernels serve convolutions whose weight groups have at most this many
 #: input channels (``C_in / groups``); wider groups run as column + GEMM. Measured
-#: (forward + backward, C = 256, batch 8, 2 threads): direct / column = 0.03 at 4 channels
-#: per group, 0.23–0.38 at 16, 0.46–0.49 at 32, 1.02 at 64.
-MAX_GROUP_CHANNELS = 32
+#: (forward + backward, C = 256, batch 8, 2 threads, 14×14 and 28×28): direct / column =
+#: 0.04 at 1 channel per group, 0.40 at 16, 0.56 at 32, 0.77–0.97 at 64, 0.99–1.14 at 128
+#: (``python benchmarks/profile_cpu.py --crossover``).
+MAX_GROUP_CHANNELS = 64
 
 #: Images are dealt to at most this many slots in the backward; each slot owns one
 #: partial weight gradient. Fixed (not the thread count), so results are reproducible.

@@ -10,7 +10,7 @@ Forward, per chunk of output pixels (rows):
    columns contiguous.
 2. the GEMM ``columns · Wᵀ`` into (rows, C_out), copied to NCHW: for float32 one
    oneDNN 1x1 convolution over all weight groups with the bias fused
-   (:mod:`deformconv.kernels._onednn`, twice MKL's speed on AMD CPUs), else one BLAS
+   (:mod:`deformconv.kernels._onednn`; twice MKL's speed on a Zen 5 EPYC), else one BLAS
    GEMM per weight group. A BLAS chunk inside one image with no more pixels than output
    channels (small-batch inference of deep layers) computes ``W · columnsᵀ`` instead,
    which is the image's (C_out, pixels) block of the NCHW output: BLAS writes it in place

@@ -16,6 +16,7 @@ from _cases import CONFIGS, Config, call_kwargs, make_problem
 
 pytest.importorskip("numba")
 _numba = pytest.importorskip("deformconv.kernels._numba")
+_direct = pytest.importorskip("deformconv.kernels._numba_direct")
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -71,8 +72,9 @@ EXTRA = {
     # Batch 1, four times more output channels than pixels per weight group: the forward's
     # GEMM takes the weight in its own layout and reorders the columns instead.
     "deep_batch_1": Config(batch=1, in_channels=5, out_channels=40, size=(3, 3)),
+    # (72 channels per group: wider than the direct kernels take)
     "deep_batch_1_groups": Config(
-        batch=1, in_channels=80, out_channels=96, groups=2, size=(3, 3), mask=True
+        batch=1, in_channels=144, out_channels=96, groups=2, size=(3, 3), mask=True
     ),  # fmt: skip
 }
 
@@ -138,11 +140,13 @@ def test_non_contiguous_arguments_direct_kernel():
 @pytest.mark.parametrize("workspace_rows", [1, 7, 40, 90])
 def test_chunked_workspace_gives_the_same_result(monkeypatch, workspace_rows):
     # A workspace cap of a few rows forces many chunks, including slices of one image
-    # (L = 42 rows per image here) and chunks of several whole images.
-    cfg = Config(batch=3, in_channels=8, out_channels=6, size=(7, 6), groups=2, offset_groups=2, mask=True)  # fmt: skip
+    # (L = 42 rows per image here) and chunks of several whole images. 65 channels per
+    # group: the column path (narrower groups run on the direct kernels, unchunked).
+    cfg = Config(batch=3, in_channels=130, out_channels=6, size=(7, 6), groups=2, offset_groups=2, mask=True)  # fmt: skip
     x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64)
     kwargs = call_kwargs(cfg)
     row_bytes = cfg.in_channels * 9 * 8
+    assert not _direct.prefers_direct(cfg.in_channels, cfg.out_channels, cfg.groups)
     full_out, full_grads = _run("numba", x, offset, weight, bias, mask, kwargs)
     monkeypatch.setattr(_numba, "WORKSPACE_BYTES", workspace_rows * 2 * row_bytes)
     assert len(_numba._chunks(cfg.batch, 42, 2 * row_bytes)) > 1
@@ -300,7 +304,7 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
     "cfg",
     [
         Config(batch=3, in_channels=8, out_channels=12, size=(7, 6), mask=True),
-        Config(batch=2, in_channels=80, out_channels=96, groups=2, offset_groups=2, size=(5, 4)),
+        Config(batch=2, in_channels=144, out_channels=96, groups=2, offset_groups=2, size=(5, 4)),
     ],
     ids=["dense", "wide_groups"],
 )

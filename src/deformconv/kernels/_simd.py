@@ -7,39 +7,58 @@ vector loads, stores, multiplies, adds and shuffles, emitted in the order writte
 no FMA contraction, so results are bitwise reproducible.
 
 ``Vec`` is the Numba type of such a value; the lane type follows the array's dtype
-(float32 or float64).
+(float32 or float64). ``vloadw`` and ``vsplatw`` make wide vectors of :data:`WIDE` lanes
+(16 where Numba compiles for AVX-512: one ``zmm`` register), which the same arithmetic
+intrinsics accept, and ``vfold`` adds a wide vector's halves into an 8-lane one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numba
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
 __all__ = [
-    "LANES", "Vec", "vadd", "vfloor", "vge", "vload", "vload2", "vlt", "vmax", "vmin", "vmul",
-    "vmuladd", "vselect", "vsplat", "vstore", "vstore2", "vsub", "vsum4", "vsum8",
+    "LANES", "WIDE", "Vec", "vadd", "vfloor", "vfold", "vge", "vload", "vload2", "vloadw",
+    "vlt", "vmax", "vmin", "vmul", "vmuladd", "vselect", "vsplat", "vsplatw", "vstore",
+    "vstore2", "vsub", "vsum4", "vsum8",
 ]  # fmt: skip
 
 #: Lanes of a vector (one AVX register of float32).
 LANES = 8
 
 
-class Vec(types.Type):
-    """Eight lanes of ``dtype`` held in one LLVM vector value (``<8 x float>``)."""
+def _compiles_for_avx512() -> bool:
+    """Whether Numba compiles for a CPU with AVX-512 (its target features, or the host's)."""
+    features = getattr(numba.config, "CPU_FEATURES", None)  # NUMBA_CPU_FEATURES or None
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
 
-    def __init__(self, dtype: types.Type) -> None:
+
+#: Lanes of a wide vector: 16 (one AVX-512 register of float32) where Numba compiles for
+#: AVX-512, else :data:`LANES`; kernels take wide steps where a loop's length allows.
+WIDE = 16 if _compiles_for_avx512() else LANES
+
+
+class Vec(types.Type):
+    """``lanes`` lanes of ``dtype`` held in one LLVM vector value (``<8 x float>``)."""
+
+    def __init__(self, dtype: types.Type, lanes: int = LANES) -> None:
         self.dtype = dtype
-        super().__init__(name=f"Vec{LANES}[{dtype}]")
+        self.lanes = lanes
+        super().__init__(name=f"Vec{lanes}[{dtype}]")
 
 
 @register_model(Vec)
 class VecModel(models.PrimitiveModel):
     def __init__(self, dmm: Any, fe_type: Vec) -> None:
         lane = dmm.lookup(fe_type.dtype).get_value_type()
-        super().__init__(dmm, fe_type, ir.VectorType(lane, LANES))
+        super().__init__(dmm, fe_type, ir.VectorType(lane, fe_type.lanes))
 
 
 def lanes_pointer(context: Any, builder: Any, aty: Any, a: Any, r: Any, c: Any) -> Any:
@@ -47,6 +66,25 @@ def lanes_pointer(context: Any, builder: Any, aty: Any, a: Any, r: Any, c: Any) 
     shape = cgutils.unpack_tuple(builder, arr.shape, aty.ndim)
     strides = cgutils.unpack_tuple(builder, arr.strides, aty.ndim)
     return cgutils.get_item_pointer2(context, builder, arr.data, shape, strides, aty.layout, [r, c])
+
+
+def _loader(lanes: int) -> Any:
+    def typer(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
+        sig = Vec(a.dtype, lanes)(a, r, c)
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            vty = context.get_value_type(sig.return_type)
+            ptr = lanes_pointer(context, builder, sig.args[0], *args)
+            align = context.get_abi_sizeof(context.get_value_type(a.dtype))
+            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
+
+        return sig, codegen
+
+    return typer
+
+
+vloadw = intrinsic(_loader(WIDE))
+vloadw.__doc__ = "``a[r, c : c + WIDE]`` as a wide vector (the caller keeps it within the row)."
 
 
 @intrinsic
@@ -77,17 +115,44 @@ def vstore(typingctx: Any, a: Any, r: Any, c: Any, v: Any) -> Any:
     return sig, codegen
 
 
+def _splatter(lanes: int) -> Any:
+    def typer(typingctx: Any, s: Any) -> Any:
+        sig = Vec(s, lanes)(s)
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            vty = context.get_value_type(sig.return_type)
+            i32 = ir.IntType(32)
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], i32(0))
+            zeros = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+        return sig, codegen
+
+    return typer
+
+
+vsplat = intrinsic(_splatter(LANES))
+vsplat.__doc__ = "A vector with ``s`` in every lane."
+vsplatw = intrinsic(_splatter(WIDE))
+vsplatw.__doc__ = "A wide vector with ``s`` in every lane."
+
+
 @intrinsic
-def vsplat(typingctx: Any, s: Any) -> Any:
-    """A vector with ``s`` in every lane."""
-    sig = Vec(s)(s)
+def vfold(typingctx: Any, v: Any) -> Any:
+    """A wide vector's two halves added lane-wise: ``v[:8] + v[8:]`` (itself when 8 wide)."""
+    sig = Vec(v.dtype)(v)
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        vty = context.get_value_type(sig.return_type)
+        if v.lanes == LANES:
+            return args[0]
         i32 = ir.IntType(32)
-        v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], i32(0))
-        zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+        undef = ir.Constant(args[0].type, ir.Undefined)
+
+        def half(first: int) -> Any:
+            lanes = ir.Constant(ir.VectorType(i32, LANES), list(range(first, first + LANES)))
+            return builder.shuffle_vector(args[0], undef, lanes)
+
+        return builder.fadd(half(0), half(LANES))
 
     return sig, codegen
 

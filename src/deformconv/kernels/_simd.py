@@ -83,22 +83,10 @@ def _loader(lanes: int) -> Any:
     return typer
 
 
+vload = intrinsic(_loader(LANES))
+vload.__doc__ = "``a[r, c : c + 8]`` as a vector (the caller keeps ``c + 8`` within the row)."
 vloadw = intrinsic(_loader(WIDE))
 vloadw.__doc__ = "``a[r, c : c + WIDE]`` as a wide vector (the caller keeps it within the row)."
-
-
-@intrinsic
-def vload(typingctx: Any, a: Any, r: Any, c: Any) -> Any:
-    """``a[r, c : c + 8]`` as a vector (the caller keeps ``c + 8`` within the row)."""
-    sig = Vec(a.dtype)(a, r, c)
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        vty = context.get_value_type(sig.return_type)
-        ptr = lanes_pointer(context, builder, sig.args[0], *args)
-        align = context.get_abi_sizeof(context.get_value_type(a.dtype))
-        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=align)
-
-    return sig, codegen
 
 
 @intrinsic

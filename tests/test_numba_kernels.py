@@ -331,3 +331,24 @@ def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
     x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
     _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
     assert (calls["forward"] > 0) == on and (calls["backward"] > 0) == on, calls
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_gradients_without_the_weight_s_never_read_unfilled_columns(monkeypatch):
+    # Without a weight gradient the backward skips im2col, and oneDNN's input gradient
+    # gets the (unfilled) column workspace only for its shape: poisoned with NaN here,
+    # the input and offset gradients must still equal the reference's.
+    monkeypatch.setattr(_onednn, "MIN_ROWS", 1)
+    cfg = Config(batch=2, in_channels=8, out_channels=12, size=(9, 9))
+    x, offset, weight, bias, _ = make_problem(cfg, dtype=torch.float32)
+    geo = ((1, 1), (1, 1), (1, 1))
+    for block in _numba._workspace(2 * 81, 8 * 9, 2, torch.float32):
+        block.fill_(float("nan"))
+    go = torch.randn(2, 12, 9, 9)
+    gx, goff, _, gw, gb = _numba.backward(
+        go, x, offset, None, weight, bias, *geo, needs_grad=(True, True, False, False, False)
+    )
+    assert gw is None and gb is None
+    _, ref = _run("reference", x, offset, weight, bias, None, call_kwargs(cfg), go)
+    _assert_rel_close(gx, ref[0], TOL[torch.float32], "grad_input")
+    _assert_rel_close(goff, ref[1], TOL[torch.float32], "grad_offset")

@@ -102,14 +102,15 @@ from deformconv.kernels._simd import (
     LANES,
     WIDE,
     vfold,
-    vload,
-    vloadw,
+    vloadas,
     vmul,
     vmuladd,
     vsplat,
+    vsplatas,
     vsplatw,
     vstore,
     vsum4,
+    vwidth,
 )
 
 __all__ = ["MAX_GROUP_CHANNELS", "SLOTS", "backward", "forward", "prefers_direct"]
@@ -270,13 +271,13 @@ _GO_EXPANDED = 2
 
 
 @numba.njit(inline="always")
-def _go_vec(mode, go, row, go_e, e_row, i, c, col):  # pragma: no cover
-    """grad_out of the output channel ``j`` of channels ``c .. c + 8`` (``col = o(c) + j``)."""
+def _go_vec(mode, go, row, go_e, e_row, i, c, col, vz):  # pragma: no cover
+    """grad_out of output channel ``j`` of channels ``c ..`` (``col = o(c) + j``), vz wide."""
     if mode == _GO_SPLAT:
-        return vsplat(go[row, col])
+        return vsplatas(go[row, col], vz)
     if mode == _GO_ROW:
-        return vload(go, row, c)
-    return vload(go_e, e_row, i)
+        return vloadas(go, row, c, vz)
+    return vloadas(go_e, e_row, i, vz)
 
 
 @numba.njit(inline="always")
@@ -286,12 +287,12 @@ def _tap(gi, gwt, r):  # pragma: no cover
 
 
 @numba.njit(inline="always")
-def _bilinear(x, t, c):  # pragma: no cover
-    """The sample of channels ``c .. c + 8`` at tap ``t`` (from :func:`_tap`)."""
-    s = vmul(vsplat(t[4]), vload(x, t[0], c))
-    s = vmuladd(s, vsplat(t[5]), vload(x, t[1], c))
-    s = vmuladd(s, vsplat(t[6]), vload(x, t[2], c))
-    return vmuladd(s, vsplat(t[7]), vload(x, t[3], c))
+def _bilinear(x, t, c, vz):  # pragma: no cover
+    """Channels ``c ..``'s sample at tap ``t`` (:func:`_tap`), as wide as ``vz`` (8 or WIDE)."""
+    s = vmul(vsplatas(t[4], vz), vloadas(x, t[0], c, vz))
+    s = vmuladd(s, vsplatas(t[5], vz), vloadas(x, t[1], c, vz))
+    s = vmuladd(s, vsplatas(t[6], vz), vloadas(x, t[2], c, vz))
+    return vmuladd(s, vsplatas(t[7], vz), vloadas(x, t[3], c, vz))
 
 
 @numba.njit(inline="always")
@@ -309,7 +310,8 @@ def _sample_grads(
     cog,
     cl,
     start,
-    full,
+    end,
+    vzero,
     t0,
     t1,
     t2,
@@ -318,105 +320,34 @@ def _sample_grads(
     need_w,
     gs,
 ):  # pragma: no cover
-    # For the tile's four rows and every vector of channels from ``start``: gs[r, c] =
+    # For the tile's four rows and every vector of channels start .. end (vectors of
+    # vzero's width: 8 lanes, or WIDE where each lies inside one weight group): gs[r, c] =
     # Σ_j go·w[k, j, c] and g_w[k, j, c] += Σ_r go·sample[r, c], the weight vectors loaded
     # once per tile. Rows without a sample read the zero pixel (their weights are 0, too).
-    vzero = vsplat(x.dtype.type(0))
     s0 = s1 = s2 = s3 = vzero
     row0, row1, row2, row3 = rows[0], rows[1], rows[2], rows[3]
-    lanes = np.uint64(LANES)
-    for i in range(start, full, lanes):
+    for i in range(start, end, vwidth(vzero)):
         c = cl + i
         if need_w:
-            s0 = _bilinear(x, t0, c)
-            s1 = _bilinear(x, t1, c)
-            s2 = _bilinear(x, t2, c)
-            s3 = _bilinear(x, t3, c)
+            s0 = _bilinear(x, t0, c, vzero)
+            s1 = _bilinear(x, t1, c, vzero)
+            s2 = _bilinear(x, t2, c, vzero)
+            s3 = _bilinear(x, t3, c, vzero)
         q0 = q1 = q2 = q3 = vzero
         o = go_base[c]
         for j in range(cog):
-            e0 = _go_vec(mode, go, row0, go_e, j, i, c, o + j)
-            e1 = _go_vec(mode, go, row1, go_e, cog + j, i, c, o + j)
-            e2 = _go_vec(mode, go, row2, go_e, 2 * cog + j, i, c, o + j)
-            e3 = _go_vec(mode, go, row3, go_e, 3 * cog + j, i, c, o + j)
+            e0 = _go_vec(mode, go, row0, go_e, j, i, c, o + j, vzero)
+            e1 = _go_vec(mode, go, row1, go_e, cog + j, i, c, o + j, vzero)
+            e2 = _go_vec(mode, go, row2, go_e, 2 * cog + j, i, c, o + j, vzero)
+            e3 = _go_vec(mode, go, row3, go_e, 3 * cog + j, i, c, o + j, vzero)
             if need_gs:
-                wv = vload(w2, k_row + j, c)
+                wv = vloadas(w2, k_row + j, c, vzero)
                 q0 = vmuladd(q0, e0, wv)
                 q1 = vmuladd(q1, e1, wv)
                 q2 = vmuladd(q2, e2, wv)
                 q3 = vmuladd(q3, e3, wv)
             if need_w:
-                acc = vload(gw2, gw_row + j, c)
-                acc = vmuladd(acc, e0, s0)
-                acc = vmuladd(acc, e1, s1)
-                acc = vmuladd(acc, e2, s2)
-                acc = vmuladd(acc, e3, s3)
-                vstore(gw2, gw_row + j, c, acc)
-        if need_gs:
-            vstore(gs, np.uint64(0), i, q0)
-            vstore(gs, np.uint64(1), i, q1)
-            vstore(gs, np.uint64(2), i, q2)
-            vstore(gs, np.uint64(3), i, q3)
-
-
-@numba.njit(inline="always")
-def _bilinear_wide(x, t, c):  # pragma: no cover
-    """:func:`_bilinear` for channels ``c .. c + WIDE``."""
-    s = vmul(vsplatw(t[4]), vloadw(x, t[0], c))
-    s = vmuladd(s, vsplatw(t[5]), vloadw(x, t[1], c))
-    s = vmuladd(s, vsplatw(t[6]), vloadw(x, t[2], c))
-    return vmuladd(s, vsplatw(t[7]), vloadw(x, t[3], c))
-
-
-@numba.njit(inline="always")
-def _sample_grads_wide(
-    x,
-    go,
-    rows,
-    w2,
-    k_row,
-    gw2,
-    gw_row,
-    go_base,
-    cog,
-    cl,
-    end,
-    t0,
-    t1,
-    t2,
-    t3,
-    need_gs,
-    need_w,
-    gs,
-):  # pragma: no cover
-    # :func:`_sample_grads` in wide vectors for channels cl .. cl + end, each vector inside
-    # one weight group (grad_out splat, as _GO_SPLAT).
-    wzero = vsplatw(x.dtype.type(0))
-    s0 = s1 = s2 = s3 = wzero
-    row0, row1, row2, row3 = rows[0], rows[1], rows[2], rows[3]
-    wide = np.uint64(WIDE)
-    for i in range(np.uint64(0), end, wide):
-        c = cl + i
-        if need_w:
-            s0 = _bilinear_wide(x, t0, c)
-            s1 = _bilinear_wide(x, t1, c)
-            s2 = _bilinear_wide(x, t2, c)
-            s3 = _bilinear_wide(x, t3, c)
-        q0 = q1 = q2 = q3 = wzero
-        o = go_base[c]
-        for j in range(cog):
-            e0 = vsplatw(go[row0, o + j])
-            e1 = vsplatw(go[row1, o + j])
-            e2 = vsplatw(go[row2, o + j])
-            e3 = vsplatw(go[row3, o + j])
-            if need_gs:
-                wv = vloadw(w2, k_row + j, c)
-                q0 = vmuladd(q0, e0, wv)
-                q1 = vmuladd(q1, e1, wv)
-                q2 = vmuladd(q2, e2, wv)
-                q3 = vmuladd(q3, e3, wv)
-            if need_w:
-                acc = vloadw(gw2, gw_row + j, c)
+                acc = vloadas(gw2, gw_row + j, c, vzero)
                 acc = vmuladd(acc, e0, s0)
                 acc = vmuladd(acc, e1, s1)
                 acc = vmuladd(acc, e2, s2)
@@ -474,50 +405,43 @@ def _sample_grads_tail(
 
 
 @numba.njit(inline="always")
+def _scatter_run(x, gx, gs, r, t, cl, start, end, acc, need_x, need_om):  # pragma: no cover
+    # Channels start .. end of _scatter_dot, in vectors of acc's width; acc holds the four
+    # dot products' lanes so far (returned updated).
+    s00, s01, s10, s11 = acc
+    a00, a01, a10, a11 = t[0], t[1], t[2], t[3]
+    u00, u01 = vsplatas(t[4], s00), vsplatas(t[5], s00)
+    u10, u11 = vsplatas(t[6], s00), vsplatas(t[7], s00)
+    for i in range(start, end, vwidth(s00)):
+        c = cl + i
+        g = vloadas(gs, r, i, s00)
+        if need_om:
+            s00 = vmuladd(s00, g, vloadas(x, a00, c, s00))
+            s01 = vmuladd(s01, g, vloadas(x, a01, c, s00))
+            s10 = vmuladd(s10, g, vloadas(x, a10, c, s00))
+            s11 = vmuladd(s11, g, vloadas(x, a11, c, s00))
+        if need_x:
+            vstore(gx, a00, c, vmuladd(vloadas(gx, a00, c, s00), u00, g))
+            vstore(gx, a01, c, vmuladd(vloadas(gx, a01, c, s00), u01, g))
+            vstore(gx, a10, c, vmuladd(vloadas(gx, a10, c, s00), u10, g))
+            vstore(gx, a11, c, vmuladd(vloadas(gx, a11, c, s00), u11, g))
+    return s00, s01, s10, s11
+
+
+@numba.njit(inline="always")
 def _scatter_dot(x, gx, gs, r, t, cl, full, cnt, need_x, need_om):  # pragma: no cover
     # One row's gs into grad_input at its four corners, and the four dot products
     # d_q = Σ_c gs[c] · x[corner_q, c] in lanes reduced by a fixed tree (then the tail, in
-    # order). Each corner's read-modify-write completes before the next: corners may share
-    # a pixel.
+    # order): wide vectors first, folded to eight lanes for the rest. Each corner's
+    # read-modify-write completes before the next: corners may share a pixel.
     a00, a01, a10, a11 = t[0], t[1], t[2], t[3]
-    u00 = vsplat(t[4])
-    u01 = vsplat(t[5])
-    u10 = vsplat(t[6])
-    u11 = vsplat(t[7])
-    w00, w01, w10, w11 = vsplatw(t[4]), vsplatw(t[5]), vsplatw(t[6]), vsplatw(t[7])
     wzero = vsplatw(x.dtype.type(0))
-    z00 = z01 = z10 = z11 = wzero
-    wide = np.uint64(WIDE)
-    full_w = full // wide * wide
-    for i in range(np.uint64(0), full_w, wide):  # wide vectors first, then eight lanes
-        c = cl + i
-        g = vloadw(gs, r, i)
-        if need_om:
-            z00 = vmuladd(z00, g, vloadw(x, a00, c))
-            z01 = vmuladd(z01, g, vloadw(x, a01, c))
-            z10 = vmuladd(z10, g, vloadw(x, a10, c))
-            z11 = vmuladd(z11, g, vloadw(x, a11, c))
-        if need_x:
-            vstore(gx, a00, c, vmuladd(vloadw(gx, a00, c), w00, g))
-            vstore(gx, a01, c, vmuladd(vloadw(gx, a01, c), w01, g))
-            vstore(gx, a10, c, vmuladd(vloadw(gx, a10, c), w10, g))
-            vstore(gx, a11, c, vmuladd(vloadw(gx, a11, c), w11, g))
-    s00, s01, s10, s11 = vfold(z00), vfold(z01), vfold(z10), vfold(z11)
-    lanes = np.uint64(LANES)
-    for i in range(full_w, full, lanes):
-        c = cl + i
-        g = vload(gs, r, i)
-        if need_om:
-            s00 = vmuladd(s00, g, vload(x, a00, c))
-            s01 = vmuladd(s01, g, vload(x, a01, c))
-            s10 = vmuladd(s10, g, vload(x, a10, c))
-            s11 = vmuladd(s11, g, vload(x, a11, c))
-        if need_x:
-            vstore(gx, a00, c, vmuladd(vload(gx, a00, c), u00, g))
-            vstore(gx, a01, c, vmuladd(vload(gx, a01, c), u01, g))
-            vstore(gx, a10, c, vmuladd(vload(gx, a10, c), u10, g))
-            vstore(gx, a11, c, vmuladd(vload(gx, a11, c), u11, g))
-    d00, d01, d10, d11 = vsum4(s00, s01, s10, s11)
+    full_w = full // np.uint64(WIDE) * np.uint64(WIDE)
+    z = _scatter_run(x, gx, gs, r, t, cl, np.uint64(0), full_w, (wzero, wzero, wzero, wzero),
+                     need_x, need_om)  # fmt: skip
+    s = (vfold(z[0]), vfold(z[1]), vfold(z[2]), vfold(z[3]))
+    s = _scatter_run(x, gx, gs, r, t, cl, full_w, full, s, need_x, need_om)
+    d00, d01, d10, d11 = vsum4(s[0], s[1], s[2], s[3])
     for i in range(full, cnt):
         c = cl + i
         g = gs[r, i]
@@ -587,6 +511,8 @@ def _backward(
         cnt = np.uint64(c_hi - c_lo)
         cl = np.uint64(c_lo)
         full = cnt // np.uint64(LANES) * np.uint64(LANES)
+        vzero = vsplat(zero)
+        wzero = vsplatw(zero)
         # wide vectors where each lies inside one weight group (its grad_out is one value)
         wide_end = np.uint64(0)
         if c_pg % WIDE == 0 and c_lo % WIDE == 0:
@@ -610,7 +536,6 @@ def _backward(
                 for i in range(cnt):
                     gw2[q, cl + i] = zero
         if need_x:  # this task's part of gx, zeroed
-            vzero = vsplat(zero)
             for b in range(slot, n_img, n_slots):
                 for q in range(b * height * width, (b + 1) * height * width):
                     qu = np.uint64(q)
@@ -657,18 +582,20 @@ def _backward(
                     t3 = _tap(gi, gwt, 3)
                     # A literal mode for ResNeXt's groups: that inlined copy keeps only its
                     # own loads (about 10 % faster); one more copy serves the other modes.
+                    # Wide vectors first where each lies inside one weight group.
                     if mode == _GO_SPLAT:
                         if wide_end > 0:
-                            _sample_grads_wide(x, go, rows, w2, k_row, gw2, gw_row, go_base,
-                                               cog, cl, wide_end, t0, t1, t2, t3, need_gs,
-                                               need_w, gs)  # fmt: skip
+                            _sample_grads(_GO_SPLAT, x, go, go_e, rows, w2, k_row, gw2,
+                                          gw_row, go_base, cog, cl, np.uint64(0), wide_end,
+                                          wzero, t0, t1, t2, t3, need_gs, need_w,
+                                          gs)  # fmt: skip
                         _sample_grads(_GO_SPLAT, x, go, go_e, rows, w2, k_row, gw2, gw_row,
-                                      go_base, cog, cl, wide_end, full, t0, t1, t2, t3,
-                                      need_gs, need_w, gs)  # fmt: skip
+                                      go_base, cog, cl, wide_end, full, vzero, t0, t1, t2,
+                                      t3, need_gs, need_w, gs)  # fmt: skip
                     else:
                         _sample_grads(mode, x, go, go_e, rows, w2, k_row, gw2, gw_row,
-                                      go_base, cog, cl, np.uint64(0), full, t0, t1, t2, t3,
-                                      need_gs, need_w, gs)  # fmt: skip
+                                      go_base, cog, cl, np.uint64(0), full, vzero, t0, t1, t2,
+                                      t3, need_gs, need_w, gs)  # fmt: skip
                     if full < cnt:
                         _sample_grads_tail(x, go, rows, w2, k_row, gw2, gw_row, go_base, cog,
                                            cl, full, cnt, gi, gwt, need_gs, need_w, gs,
@@ -716,11 +643,29 @@ _TILES_PER_TASK = 8
 
 
 @numba.njit(inline="always")
+def _store_samples(x, t, ok, c0, c_per, c_pg, k, vzero, smp, srow):  # pragma: no cover
+    # Kernel point k's samples of one offset group's channels c0 .. c0 + c_per at tap t
+    # (zeros where not ok) into smp[srow + wg, k·C_pg + i], a vector of vzero's width at a
+    # time (each vector inside one weight group wg).
+    step = vwidth(vzero)
+    wg = c0 // c_pg
+    col = np.uint64(k * c_pg + c0 - wg * c_pg)
+    end = np.uint64((k + 1) * c_pg)
+    for c in range(np.uint64(c0), np.uint64(c0 + c_per), step):
+        v = _bilinear(x, t, c, vzero) if ok else vzero
+        vstore(smp, srow + np.uint64(wg), col, v)
+        col += step
+        if col == end:  # the next weight group
+            wg += 1
+            col -= np.uint64(c_pg)
+
+
+@numba.njit(inline="always")
 def _sample_rows(
     x, height, width, off, mask, has_mask, base_y, base_x, b, l0, length, pix, c_pg, smp
 ):  # pragma: no cover
     # smp[r·groups + wg, k·C_pg + i]: the sample of channel wg·C_pg + i at kernel point k
-    # for the tile's row r (0 where there is none), eight channels at a time.
+    # for the tile's row r (0 where there is none), WIDE or eight channels at a time.
     n_off, n_k = off.shape[1], off.shape[2]
     groups = x.shape[1] // c_pg
     c_per = x.shape[1] // n_off
@@ -728,8 +673,6 @@ def _sample_rows(
     zero = one - one
     vzero = vsplat(zero)
     wzero = vsplatw(zero)
-    lanes = np.uint64(LANES)
-    wide = np.uint64(WIDE)
     wide_ok = c_pg % WIDE == 0 and c_per % WIDE == 0
     for r in range(_TILE):
         p_l = l0 + r
@@ -749,25 +692,34 @@ def _sample_rows(
                         y, xx, height, width, pix, m, one
                     )
                     t = (i00, i01, i10, i11, w00, w01, w10, w11)
-                wg = c0 // c_pg
-                col = np.uint64(k * c_pg + c0 - wg * c_pg)
-                end = np.uint64((k + 1) * c_pg)
+                srow = np.uint64(r * groups)
                 if wide_ok:  # wide vectors, each inside one weight group
-                    for c in range(np.uint64(c0), np.uint64(c0 + c_per), wide):
-                        vw = _bilinear_wide(x, t, c) if ok else wzero
-                        vstore(smp, np.uint64(r * groups + wg), col, vw)
-                        col += wide
-                        if col == end:  # the next weight group
-                            wg += 1
-                            col -= np.uint64(c_pg)
-                    continue
-                for c in range(np.uint64(c0), np.uint64(c0 + c_per), lanes):
-                    v = _bilinear(x, t, c) if ok else vzero
-                    vstore(smp, np.uint64(r * groups + wg), col, v)
-                    col += lanes
-                    if col == end:  # the next weight group
-                        wg += 1
-                        col -= np.uint64(c_pg)
+                    _store_samples(x, t, ok, c0, c_per, c_pg, k, wzero, smp, srow)
+                else:
+                    _store_samples(x, t, ok, c0, c_per, c_pg, k, vzero, smp, srow)
+
+
+@numba.njit(inline="always")
+def _dot_run(w2, smp, o, p, s0, s1, s2, s3, start, end, acc):  # pragma: no cover
+    # Columns start .. end of the dot products of weight rows o and p with sample rows
+    # s0 .. s3, in vectors of the accumulators' width; acc: (o's four rows, p's four rows).
+    a0, a1, a2, a3, b0, b1, b2, b3 = acc
+    for q in range(start, end, vwidth(a0)):
+        wa = vloadas(w2, o, q, a0)
+        wb = vloadas(w2, p, q, a0)
+        v = vloadas(smp, s0, q, a0)
+        a0 = vmuladd(a0, wa, v)
+        b0 = vmuladd(b0, wb, v)
+        v = vloadas(smp, s1, q, a0)
+        a1 = vmuladd(a1, wa, v)
+        b1 = vmuladd(b1, wb, v)
+        v = vloadas(smp, s2, q, a0)
+        a2 = vmuladd(a2, wa, v)
+        b2 = vmuladd(b2, wb, v)
+        v = vloadas(smp, s3, q, a0)
+        a3 = vmuladd(a3, wa, v)
+        b3 = vmuladd(b3, wb, v)
+    return a0, a1, a2, a3, b0, b1, b2, b3
 
 
 @_jit
@@ -788,9 +740,7 @@ def _forward_vectors(
     span = np.uint64(n_k * c_pg)
     tiles = (length + _TILE - 1) // _TILE
     tasks_per_img = (tiles + _TILES_PER_TASK - 1) // _TILES_PER_TASK
-    lanes = np.uint64(LANES)
-    wide = np.uint64(WIDE)
-    span_w = span // wide * wide
+    span_w = span // np.uint64(WIDE) * np.uint64(WIDE)
     wzero = vsplatw(x.dtype.type(0))
     for t in numba.prange(n_img * tasks_per_img):
         b = t // tasks_per_img
@@ -812,39 +762,14 @@ def _forward_vectors(
                     o = np.uint64(wg * cog + j)
                     p = o + np.uint64(1) if j + 1 < cog else o  # an odd cog repeats the last
                     # wide vectors first (AVX-512: 16 lanes), folded to 8 for the rest
-                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = wzero
-                    for q in range(np.uint64(0), span_w, wide):
-                        wa = vloadw(w2, o, q)
-                        wb = vloadw(w2, p, q)
-                        v = vloadw(smp, s0, q)
-                        a0 = vmuladd(a0, wa, v)
-                        b0 = vmuladd(b0, wb, v)
-                        v = vloadw(smp, s1, q)
-                        a1 = vmuladd(a1, wa, v)
-                        b1 = vmuladd(b1, wb, v)
-                        v = vloadw(smp, s2, q)
-                        a2 = vmuladd(a2, wa, v)
-                        b2 = vmuladd(b2, wb, v)
-                        v = vloadw(smp, s3, q)
-                        a3 = vmuladd(a3, wa, v)
-                        b3 = vmuladd(b3, wb, v)
-                    c0, c1, c2, c3 = vfold(a0), vfold(a1), vfold(a2), vfold(a3)
-                    d0, d1, d2, d3 = vfold(b0), vfold(b1), vfold(b2), vfold(b3)
-                    for q in range(span_w, span, lanes):
-                        wa = vload(w2, o, q)
-                        wb = vload(w2, p, q)
-                        v = vload(smp, s0, q)
-                        c0 = vmuladd(c0, wa, v)
-                        d0 = vmuladd(d0, wb, v)
-                        v = vload(smp, s1, q)
-                        c1 = vmuladd(c1, wa, v)
-                        d1 = vmuladd(d1, wb, v)
-                        v = vload(smp, s2, q)
-                        c2 = vmuladd(c2, wa, v)
-                        d2 = vmuladd(d2, wb, v)
-                        v = vload(smp, s3, q)
-                        c3 = vmuladd(c3, wa, v)
-                        d3 = vmuladd(d3, wb, v)
+                    acc = _dot_run(w2, smp, o, p, s0, s1, s2, s3, np.uint64(0), span_w,
+                                   (wzero, wzero, wzero, wzero, wzero, wzero, wzero,
+                                    wzero))  # fmt: skip
+                    acc = _dot_run(w2, smp, o, p, s0, s1, s2, s3, span_w, span,
+                                   (vfold(acc[0]), vfold(acc[1]), vfold(acc[2]),
+                                    vfold(acc[3]), vfold(acc[4]), vfold(acc[5]),
+                                    vfold(acc[6]), vfold(acc[7])))  # fmt: skip
+                    c0, c1, c2, c3, d0, d1, d2, d3 = acc
                     _store_tile(out, b, o, l0, length, bias[o], vsum4(c0, c1, c2, c3))
                     _store_tile(out, b, p, l0, length, bias[p], vsum4(d0, d1, d2, d3))
 

@@ -23,9 +23,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
 __all__ = [
-    "LANES", "WIDE", "Vec", "vadd", "vfloor", "vfold", "vge", "vload", "vload2", "vloadw",
-    "vlt", "vmax", "vmin", "vmul", "vmuladd", "vselect", "vsplat", "vsplatw", "vstore",
-    "vstore2", "vsub", "vsum4", "vsum8",
+    "LANES", "WIDE", "Vec", "vadd", "vfloor", "vfold", "vge", "vload", "vload2", "vloadas",
+    "vloadw", "vlt", "vmax", "vmin", "vmul", "vmuladd", "vselect", "vsplat", "vsplatas",
+    "vsplatw", "vstore", "vstore2", "vsub", "vsum4", "vsum8", "vwidth",
 ]  # fmt: skip
 
 #: Lanes of a vector (one AVX register of float32).
@@ -90,6 +90,13 @@ vloadw.__doc__ = "``a[r, c : c + WIDE]`` as a wide vector (the caller keeps it w
 
 
 @intrinsic
+def vloadas(typingctx: Any, a: Any, r: Any, c: Any, like: Any) -> Any:
+    """``a[r, c : c + n]`` as a vector of ``like``'s width n (one loop body, either width)."""
+    sig, codegen = _loader(like.lanes)(typingctx, a, r, c)
+    return sig.return_type(a, r, c, like), lambda cx, b, sg, args: codegen(cx, b, sg, args[:3])
+
+
+@intrinsic
 def vstore(typingctx: Any, a: Any, r: Any, c: Any, v: Any) -> Any:
     """``a[r, c : c + 8] = v``."""
     sig = types.none(a, r, c, v)
@@ -123,6 +130,24 @@ vsplat = intrinsic(_splatter(LANES))
 vsplat.__doc__ = "A vector with ``s`` in every lane."
 vsplatw = intrinsic(_splatter(WIDE))
 vsplatw.__doc__ = "A wide vector with ``s`` in every lane."
+
+
+@intrinsic
+def vwidth(typingctx: Any, v: Any) -> Any:
+    """The lanes of ``v``'s vector type, as an unsigned constant (a loop's step)."""
+    sig = types.uint64(v)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return context.get_constant(types.uint64, v.lanes)
+
+    return sig, codegen
+
+
+@intrinsic
+def vsplatas(typingctx: Any, s: Any, like: Any) -> Any:
+    """A vector of ``like``'s width with ``s`` in every lane."""
+    sig, codegen = _splatter(like.lanes)(typingctx, s)
+    return sig.return_type(s, like), lambda cx, b, sg, args: codegen(cx, b, sg, args[:1])
 
 
 @intrinsic

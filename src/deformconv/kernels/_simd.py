@@ -7,9 +7,11 @@ vector loads, stores, multiplies, adds and shuffles, emitted in the order writte
 no FMA contraction, so results are bitwise reproducible.
 
 ``Vec`` is the Numba type of such a value; the lane type follows the array's dtype
-(float32 or float64). ``vloadw`` and ``vsplatw`` make wide vectors of :data:`WIDE` lanes
-(16 where Numba compiles for AVX-512: one ``zmm`` register), which the same arithmetic
-intrinsics accept, and ``vfold`` adds a wide vector's halves into an 8-lane one.
+(float32 or float64). ``vsplatw`` makes a wide vector of :data:`WIDE` lanes (16 where
+Numba compiles for AVX-512: one ``zmm`` register), which the same arithmetic intrinsics
+accept; ``vloadas``, ``vsplatas`` and ``vwidth`` take their width from a given vector's
+type, so one loop body serves either width; ``vfold`` adds a wide vector's halves into an
+8-lane one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from numba.extending import intrinsic, models, register_model
 
 __all__ = [
     "LANES", "WIDE", "Vec", "vadd", "vfloor", "vfold", "vge", "vload", "vload2", "vloadas",
-    "vloadw", "vlt", "vmax", "vmin", "vmul", "vmuladd", "vselect", "vsplat", "vsplatas",
+    "vlt", "vmax", "vmin", "vmul", "vmuladd", "vselect", "vsplat", "vsplatas",
     "vsplatw", "vstore", "vstore2", "vsub", "vsum4", "vsum8", "vwidth",
 ]  # fmt: skip
 
@@ -85,8 +87,6 @@ def _loader(lanes: int) -> Any:
 
 vload = intrinsic(_loader(LANES))
 vload.__doc__ = "``a[r, c : c + 8]`` as a vector (the caller keeps ``c + 8`` within the row)."
-vloadw = intrinsic(_loader(WIDE))
-vloadw.__doc__ = "``a[r, c : c + WIDE]`` as a wide vector (the caller keeps it within the row)."
 
 
 @intrinsic

@@ -155,6 +155,18 @@ EXTRA = {
     "groups_of_64_channels": Config(
         in_channels=128, out_channels=96, groups=2, offset_groups=2, mask=True, size=(5, 4)
     ),  # fmt: skip
+    # The backward's weight panels (16 input channels each): a last panel only partly
+    # filled (136 and 150 channels), panels of 8-channel and 16-channel groups, and 3-channel
+    # groups whose panels straddle groups; 42 rows per image, batch 8 (one image per slot)
+    "panels_of_8_channel_groups": Config(
+        batch=8, in_channels=136, out_channels=68, groups=17, size=(7, 6), mask=True
+    ),
+    "panels_of_16_channel_groups": Config(
+        batch=8, in_channels=160, out_channels=160, groups=10, size=(7, 6)
+    ),
+    "panels_straddling_3_channel_groups": Config(
+        batch=8, in_channels=150, out_channels=100, groups=50, size=(7, 6), mask=True
+    ),
 }
 
 

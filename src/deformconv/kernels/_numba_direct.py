@@ -139,9 +139,12 @@ SLOTS = 8
 #: ``_MIN_BLOCK``) until there are at least ``_MIN_TASKS`` tasks. Wide blocks spread each
 #: (pixel, kernel point)'s geometry over more channels and leave fewer offset partials:
 #: 512 instead of 64 took 15-18 % off the backward of ResNeXt's and 128-channel depthwise
-#: layers (batch 8).
+#: layers (batch 8). At batch 1 a task of 8 channels spends most of its time per pixel and
+#: kernel point, not per channel: blocks of at least 32 took the depthwise backward (64
+#: and 128 channels, 56×56) from 2.2 to 1.1 ms and from 2.9 to 1.8 ms on 2 threads, at the
+#: price of fewer tasks for more threads (2 and 4 instead of 8).
 _BLOCK = 512
-_MIN_BLOCK = 8
+_MIN_BLOCK = 32
 _MIN_TASKS = 8
 
 #: Forward rows per parallel task (each task allocates its scratch once).
@@ -1028,7 +1031,7 @@ def _unpanel(g: Tensor, c_in: int) -> Tensor:
 
 
 def _channel_block(c_per: int, tasks_per_block: int) -> int:
-    """Channels per backward task: ``_BLOCK``, halved (down to 8) until there are enough tasks."""
+    """Channels per backward task: ``_BLOCK``, halved (down to ``_MIN_BLOCK``) for more tasks."""
     block = min(c_per, _BLOCK)
     while block > _MIN_BLOCK and tasks_per_block * -(-c_per // block) < _MIN_TASKS:
         block = max(_MIN_BLOCK, block // 2)

@@ -305,8 +305,11 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
     [
         Config(batch=3, in_channels=8, out_channels=12, size=(7, 6), mask=True),
         Config(batch=2, in_channels=144, out_channels=96, groups=2, offset_groups=2, size=(5, 4)),
+        # few pixels, many outputs: the columns go into the weight's own order
+        Config(batch=1, in_channels=8, out_channels=40, size=(3, 3), mask=True),
+        Config(batch=1, in_channels=144, out_channels=96, groups=2, size=(3, 3)),
     ],
-    ids=["dense", "wide_groups"],
+    ids=["dense", "wide_groups", "few_pixels", "few_pixels_groups"],
 )
 def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
     # Each of the three GEMMs runs in oneDNN or torch.mm by its size; force each route
@@ -323,6 +326,7 @@ def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
         monkeypatch.setattr(_onednn, f"{name}_rows", counted)
     on = route != "mm"
     monkeypatch.setattr(_onednn, "MIN_ROWS", 1 if on else 10**9)
+    monkeypatch.setattr(_onednn, "MIN_ROWS_WIDE", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MAX_FRESH_BYTES", 0 if route == "mixed" else 2**40)
     if route == "mixed":

@@ -849,7 +849,7 @@ def backward(
             p.im2col(chunk, r0)
         dnn_w = gw_mat is not None and _onednn.pays_for_weight(p.dtype, r1 - r0)
         dnn_cols = want_cols and _onednn.pays_for_columns(
-            p.dtype, *chunk.shape, p.c_out // p.groups
+            p.dtype, r1 - r0, p.row_width, p.c_out // p.groups
         )
         g_columns, gw = None, None
         if dnn_w or dnn_cols:

@@ -483,9 +483,9 @@ def _forward_chunk_bytes(row_bytes: int) -> int:
 #: channel block of it; blocks are never split below ``CHANNEL_BLOCK`` to make more
 #: tasks (every task repeats each sample's setup and streams the chunk's grad columns).
 #: Measured forward + backward, 2 threads, against 64 MiB chunks that held enough images
-#: for two tasks: the detection layer (64 channels, 128×128) 62–64 → 51–54 ms at batch 2
-#: and 36 → 24–27 ms at batch 1; ResNet-50's res3 25 → 23 ms, res4 20 → 19 ms, res5
-#: 25 → 24 ms (batch 8). 4 and 8 MiB chunks slowed res4 to 23 ms.
+#: for two tasks: the detection layer (64 channels, 128×128) 61–62 → 47–60 ms at batch 2
+#: and 35–36 → 24–30 ms at batch 1; ResNet-50's res3 24–25 → 22–23 ms, res4 19–21 →
+#: 18–20 ms, res5 unchanged (batch 8). 4 and 8 MiB chunks slowed res4 to 23 ms.
 _BACKWARD_CHUNK_BYTES = 16 * 2**20
 
 

@@ -140,9 +140,11 @@ SLOTS = 8
 #: (pixel, kernel point)'s geometry over more channels and leave fewer offset partials:
 #: 512 instead of 64 took 15-18 % off the backward of ResNeXt's and 128-channel depthwise
 #: layers (batch 8). At batch 1 a task of 8 channels spends most of its time per pixel and
-#: kernel point, not per channel: blocks of at least 32 took the depthwise backward (64
-#: and 128 channels, 56×56) from 2.2 to 1.1 ms and from 2.9 to 1.8 ms on 2 threads, at the
-#: price of fewer tasks for more threads (2 and 4 instead of 8).
+#: kernel point, not per channel: with blocks of at least 32 the depthwise backward kernel
+#: (64 and 128 channels, 56×56, 2 threads) took 0.9–2.1 ms instead of 1.9–2.0 ms and
+#: 1.6–3.3 ms instead of 2.5–3.1 ms over three rounds (two tasks on two threads ran at
+#: either speed from one round to the next), at the price of fewer tasks for more threads
+#: (2 and 4 instead of 8).
 _BLOCK = 512
 _MIN_BLOCK = 32
 _MIN_TASKS = 8

@@ -484,7 +484,7 @@ def _forward_chunk_bytes(row_bytes: int) -> int:
 #: tasks (every task repeats each sample's setup and streams the chunk's grad columns).
 #: Measured forward + backward, 2 threads, against 64 MiB chunks that held enough images
 #: for two tasks: the detection layer (64 channels, 128×128) 61–62 → 47–60 ms at batch 2
-#: and 35–36 → 24–30 ms at batch 1; ResNet-50's res3 24–25 → 22–23 ms, res4 19–21 →
+#: and 35–36 → 27–30 ms at batch 1; ResNet-50's res3 24–25 → 22–23 ms, res4 19–21 →
 #: 18–20 ms, res5 unchanged (batch 8). 4 and 8 MiB chunks slowed res4 to 23 ms.
 _BACKWARD_CHUNK_BYTES = 16 * 2**20
 

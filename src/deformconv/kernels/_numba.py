@@ -559,6 +559,15 @@ def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def _weight_outweighs(p: _Problem, rows: int) -> bool:
+    """Whether a weight group is four times larger than ``rows`` rows of its columns.
+
+    Then reordering the few columns costs less than reordering the weight (deep layers at
+    batch 1).
+    """
+    return 4 * rows <= p.c_out // p.groups
+
+
 def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tensor]:
     """``(W, columnsᵀ)`` of weight group g in one (K, C_pg) order.
 
@@ -567,7 +576,7 @@ def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tens
     the columns then costs less than reordering the weight.
     """
     rows = cols.shape[0]
-    if 4 * rows > p.c_out // p.groups:
+    if not _weight_outweighs(p, rows):
         return p.w_mat[g], p.group_columns(cols, g).t()
     cols_t = p.group_columns(cols, g).view(rows, p.k, p.c_pg).permute(2, 1, 0)
     return p.w_own(g), cols_t.reshape(p.c_pg * p.k, rows)
@@ -581,7 +590,7 @@ def _onednn_operands(p: _Problem, cols: Tensor) -> tuple[Tensor, Tensor]:
     layer at batch 1: 0.9 MB of columns instead of 9.4 MB of weight).
     """
     rows = cols.shape[0]
-    if 4 * rows > p.c_out // p.groups:
+    if not _weight_outweighs(p, rows):
         return cols, p.w_rows
     own = cols.view(rows, p.groups, p.k, p.c_pg).transpose(2, 3).reshape(rows, -1)
     return own, p.weight.reshape(p.c_out, p.c_pg * p.k).contiguous()

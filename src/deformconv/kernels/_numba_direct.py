@@ -292,6 +292,16 @@ _GO_EXPANDED = 2
 
 
 @numba.njit(inline="always")
+def _panel_at(first, c, cog):  # pragma: no cover
+    """Row and lane of channel c, output channel 0, in panels that start at panel ``first``.
+
+    Output channel j is row + j (a group's ``cog`` rows of one panel follow each other).
+    """
+    pan = np.uint64(_PANEL)
+    return (first + c // pan) * np.uint64(cog), c % pan
+
+
+@numba.njit(inline="always")
 def _go_vec(mode, go, row, go_e, e_row, i, c, col, vz):  # pragma: no cover
     """grad_out of output channel ``j`` of channels ``c ..`` (``col = o(c) + j``), vz wide."""
     if mode == _GO_SPLAT:
@@ -347,13 +357,10 @@ def _sample_grads(
     # once per tile. Rows without a sample read the zero pixel (their weights are 0, too).
     s0 = s1 = s2 = s3 = vzero
     row0, row1, row2, row3 = rows[0], rows[1], rows[2], rows[3]
-    pan = np.uint64(_PANEL)
-    ucog = np.uint64(cog)
     for i in range(start, end, vwidth(vzero)):
         c = cl + i
-        pc = c % pan  # the vector's place in its panel, whose cog rows follow each other
-        wr = (k_row + c // pan) * ucog
-        gr = (gw_row + c // pan) * ucog
+        wr, pc = _panel_at(k_row, c, cog)
+        gr, _ = _panel_at(gw_row, c, cog)
         if need_w:
             s0 = _bilinear(x, t0, c, vzero)
             s1 = _bilinear(x, t1, c, vzero)
@@ -454,9 +461,8 @@ def _sample_grads_tail(
                 + gwt[r, 2] * x[gi[r, 2], c] + gwt[r, 3] * x[gi[r, 3], c]
             )  # fmt: skip
             gs[r, i] = zero
-        pc = c % np.uint64(_PANEL)
-        wr = (k_row + c // np.uint64(_PANEL)) * np.uint64(cog)
-        gr = (gw_row + c // np.uint64(_PANEL)) * np.uint64(cog)
+        wr, pc = _panel_at(k_row, c, cog)
+        gr, _ = _panel_at(gw_row, c, cog)
         for j in range(cog):
             ju = np.uint64(j)
             wv = w2[wr + ju, pc]
@@ -571,7 +577,6 @@ def _backward(
     zero_row = n_img * length
     need_gs = need_x or need_om
     n_pan = w2.shape[0] // (n_k * cog)
-    pan = np.uint64(_PANEL)
     for t in numba.prange(n_tasks):
         slot = t // (n_off * n_blocks)
         g = (t // n_blocks) % n_off
@@ -603,10 +608,9 @@ def _backward(
         if need_w:  # this task's part of the slot's weight gradient, zeroed
             for k in range(n_k):
                 for i in range(cnt):
-                    c = cl + i
-                    q = (np.uint64((slot * n_k + k) * n_pan) + c // pan) * np.uint64(cog)
+                    q, pc = _panel_at(np.uint64((slot * n_k + k) * n_pan), cl + i, cog)
                     for j in range(np.uint64(cog)):
-                        gw2[q + j, c % pan] = zero
+                        gw2[q + j, pc] = zero
         if need_x:  # this task's part of gx, zeroed
             for b in range(slot, n_img, n_slots):
                 for q in range(b * height * width, (b + 1) * height * width):
@@ -1018,10 +1022,15 @@ class _Problem:
         return w.permute(3, 1, 0, 2).reshape(self.k, self.cog, self.c_in).contiguous()
 
 
+def _n_panels(c_in: int) -> int:
+    """Panels of the backward's weight layout: ``C_in / _PANEL`` rounded up."""
+    return -(-c_in // _PANEL)
+
+
 def _panels(w_t: Tensor) -> Tensor:
     """(K, cog, C_in) -> (K·P·cog, _PANEL), the backward's layout (zeros past ``C_in``)."""
     k, cog, c_in = w_t.shape
-    n_pan = -(-c_in // _PANEL)
+    n_pan = _n_panels(c_in)
     w = torch.nn.functional.pad(w_t, (0, n_pan * _PANEL - c_in))
     return w.reshape(k, cog, n_pan, _PANEL).transpose(1, 2).reshape(-1, _PANEL).contiguous()
 
@@ -1145,9 +1154,8 @@ def backward(
     if not (launch and need_x):
         gx.zero_()
     # The kernel writes every element of the partials it needs.
-    n_pan = -(-p.c_in // _PANEL)
     g_w = (torch.empty if launch and need_w else torch.zeros)(
-        slots if need_w else 1, p.k, n_pan, p.cog, _PANEL, dtype=p.dtype
+        slots if need_w else 1, p.k, _n_panels(p.c_in), p.cog, _PANEL, dtype=p.dtype
     )
     new_om = torch.empty if launch and need_om else torch.zeros
     g_off = new_om(n_blocks if need_om else 1, *p.off.shape, dtype=p.dtype)

@@ -157,6 +157,22 @@ def test_chunked_workspace_gives_the_same_result(monkeypatch, workspace_rows):
     _compare(x, offset, weight, bias, mask, kwargs, torch.float64)
 
 
+@pytest.mark.parametrize("min_tasks", [1, 3, 8])
+@pytest.mark.parametrize("workspace_rows", [10, 1000])
+def test_col2im_row_parts_match_reference(monkeypatch, min_tasks, workspace_rows):
+    # A backward chunk with fewer col2im tasks than MIN_COL2IM_TASKS splits each task's
+    # rows into parts, each scattering into its own grad_input copy: parts of whole
+    # images (1000 rows) and of slices of one image (10 rows, L = 42), uneven parts,
+    # and more parts than a chunk has rows.
+    cfg = Config(batch=2, in_channels=5, out_channels=4, size=(7, 6), mask=True)
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float64)
+    kwargs = call_kwargs(cfg)
+    row_bytes = cfg.in_channels * 9 * 8
+    monkeypatch.setattr(_numba, "MIN_COL2IM_TASKS", min_tasks)
+    monkeypatch.setattr(_numba, "WORKSPACE_BYTES", workspace_rows * 2 * row_bytes)
+    _compare(x, offset, weight, bias, mask, kwargs, torch.float64)
+
+
 def test_chunks_cover_every_row_once():
     for n, length, row_bytes, cap in [(3, 42, 100, 350), (3, 42, 100, 10**6), (5, 7, 8, 200)]:
         old, _numba.WORKSPACE_BYTES = _numba.WORKSPACE_BYTES, cap

@@ -24,8 +24,11 @@ pass, computes the offset and mask gradients from the four dot products
 ``sum_c grad_column[c] · x[corner, c]``. ``_col2im`` runs in parallel over tasks (image,
 offset group, block of at most ``CHANNEL_BLOCK`` channels): a task owns a disjoint slice of
 ``grad_input`` and its own partial offset/mask gradient, and the partials are summed
-afterwards in a fixed order. No two threads write the same memory and the task split does
-not depend on the thread count, so the results are bitwise reproducible.
+afterwards in a fixed order. A chunk with fewer than ``MIN_COL2IM_TASKS`` tasks (a slice
+of one image with few channels) also splits the tasks' rows into parts, each scattering
+into its own copy of ``grad_input``, summed in order at the end. No two threads write
+the same memory and the task split does not depend on the thread count, so the results
+are bitwise reproducible.
 
 Each kernel is a serial ``cache=True`` body over a range of rows or tasks
 (``_im2col_rows``, ``_col2im_tasks``) and a ``parallel=True`` wrapper that only splits the
@@ -75,7 +78,7 @@ from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum
 
 _numba_threads.configure()  # before the first parallel kernel runs
 
-__all__ = ["CHANNEL_BLOCK", "WORKSPACE_BYTES", "backward", "forward"]
+__all__ = ["CHANNEL_BLOCK", "MIN_COL2IM_TASKS", "WORKSPACE_BYTES", "backward", "forward"]
 
 #: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
 #: columns plus the grad columns). Peak extra memory is about this cap plus the output (or
@@ -85,6 +88,12 @@ WORKSPACE_BYTES = 256 * 2**20
 #: Channels per ``_col2im`` task (per offset group). A fixed number, independent of the
 #: thread count, so that the order of every floating-point sum is fixed.
 CHANNEL_BLOCK = 64
+
+#: Fewest ``_col2im`` tasks per backward chunk: a chunk with fewer (a slice of one image
+#: whose channels fit one block, as in a 64-channel detection layer) splits each task's
+#: rows into parts, each scattering into its own copy of ``grad_input``; the copies are
+#: summed in order at the end. A fixed number, independent of the thread count.
+MIN_COL2IM_TASKS = 2
 
 #: Calls with fewer column elements (rows · row width) than this run the serial kernel
 #: body on the calling thread: below it a parallel launch costs more than it saves, and
@@ -307,22 +316,26 @@ def _col2im_tasks(
     g_mask,
     block,
     n_blocks,
+    n_parts,
     want_gx,
     want_off,
     t_lo,
     t_hi,
 ):  # pragma: no cover
     # Runs tasks t_lo .. t_hi of the chunk (a task: see below).
-    # x, gx: (N·H·W, C_in) channels-last input and grad_input (accumulated into).
+    # x: (N·H·W, C_in) channels-last input. gx: (n_parts, N·H·W, C_in) channels-last
+    # grad_input partials (accumulated into; summed by the caller).
     # want_gx / want_off False: skip the input gradient / the offset and mask gradients
     # (gx / g_off and g_mask are then dummies, never written).
     # gcols: (R, groups·K·C_pg) grad columns of the global rows row0 .. row0 + R (layout of
     # _im2col). g_off: (B_c, N, G, K, 2, L) and g_mask: (B_c, N, G, K, L): one partial per
     # channel block of ``block`` channels (B_c = ceil(C_per / block)), written for every row
     # of the chunk.
-    # Task (image, offset group, channel block) owns gx[image's pixels, block's channels]
-    # and g_off[block, image, group]: no two tasks write the same element. Task t is
-    # (image b_first + t // (G·B_c), group (t // B_c) % G, block t % B_c).
+    # Task (image, offset group, channel block, part) owns gx[part, image's pixels,
+    # block's channels] and g_off[block, image, group, part's rows]: no two tasks write
+    # the same element. Part q of n_parts takes the q-th of n_parts equal runs of the
+    # image's rows in the chunk. Task t is (image b_first + t // (G·B_c·n_parts), group
+    # (t // (B_c·n_parts)) % G, block (t // n_parts) % B_c, part t % n_parts).
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
     rows = gcols.shape[0]
@@ -330,13 +343,17 @@ def _col2im_tasks(
     one = x.dtype.type(1)
     zero = one - one
     for t in range(t_lo, t_hi):
-        b = b_first + t // (n_off * n_blocks)
-        g = (t // n_blocks) % n_off
-        blk = t % n_blocks
+        part = t % n_parts
+        b = b_first + t // (n_off * n_blocks * n_parts)
+        g = (t // (n_blocks * n_parts)) % n_off
+        blk = (t // n_parts) % n_blocks
         c_lo = g * c_per + blk * block
         c_hi = min(c_lo + block, (g + 1) * c_per)
-        r_lo = max(row0, b * length) - row0
-        r_hi = min(row0 + rows, (b + 1) * length) - row0
+        i_lo = max(row0, b * length) - row0  # the image's rows in the chunk
+        i_hi = min(row0 + rows, (b + 1) * length) - row0
+        r_lo = i_lo + (i_hi - i_lo) * part // n_parts
+        r_hi = i_lo + (i_hi - i_lo) * (part + 1) // n_parts
+        gxp = gx[part]
         pix = b * height * width
         for r in range(r_lo, r_hi):
             p_l = (row0 + r) - b * length
@@ -377,7 +394,7 @@ def _col2im_tasks(
                     full = cnt // _LANES * _LANES
                     if full > 0:
                         e00, e01, e10, e11 = _fused_vectors(
-                            gcols, r, col, x, gx, i00, i01, i10, i11, cu, full,
+                            gcols, r, col, x, gxp, i00, i01, i10, i11, cu, full,
                             w00, w01, w10, w11, want_gx, want_off,
                         )  # fmt: skip
                         d00 += e00
@@ -394,10 +411,10 @@ def _col2im_tasks(
                         d10 += e10
                         d11 += e11
                     if want_gx:
-                        _axpy(gcols, r, col, gx, i00, cu, rest, w00)
-                        _axpy(gcols, r, col, gx, i01, cu, rest, w01)
-                        _axpy(gcols, r, col, gx, i10, cu, rest, w10)
-                        _axpy(gcols, r, col, gx, i11, cu, rest, w11)
+                        _axpy(gcols, r, col, gxp, i00, cu, rest, w00)
+                        _axpy(gcols, r, col, gxp, i01, cu, rest, w01)
+                        _axpy(gcols, r, col, gxp, i10, cu, rest, w10)
+                        _axpy(gcols, r, col, gxp, i11, cu, rest, w11)
                     c += np.int64(cnt)
                 if not want_off:
                     continue
@@ -431,6 +448,7 @@ def _col2im(
     g_mask,
     block,
     n_blocks,
+    n_parts,
     want_gx,
     want_off,
     n_tasks,
@@ -440,7 +458,7 @@ def _col2im(
         p = np.int64(part)  # prange's index is unsigned in the parallel build
         _col2im_tasks(
             x, height, width, off, mask, has_mask, base_y, base_x, gcols, row0, c_pg, gx,
-            g_off, g_mask, block, n_blocks, want_gx, want_off, n_tasks * p // parts,
+            g_off, g_mask, block, n_blocks, n_parts, want_gx, want_off, n_tasks * p // parts,
             n_tasks * (p + 1) // parts,
         )  # fmt: skip
 
@@ -688,10 +706,13 @@ class _Problem:
         g_mask: Tensor | None,
         block: int,
         n_blocks: int,
+        n_parts: int,
     ) -> None:
         """Scatter ``gcols`` into ``gx`` and write the offset / mask gradient partials.
 
-        ``gx`` None: no input gradient; ``g_off`` None: no offset or mask gradient.
+        ``gx``: (n_parts, N·H·W, C_in), one input-gradient partial per run of rows (see
+        :func:`_col2im_tasks`), or None: no input gradient; ``g_off`` None: no offset or
+        mask gradient.
         """
         if self.height * self.width == 0:  # an empty map: no gradient reaches a sample
             for t in (g_off, g_mask):
@@ -699,19 +720,22 @@ class _Problem:
                     t.zero_()
             return
         dummy = np.zeros((1,) * 6, dtype=self.x2.numpy().dtype)
-        gx2 = dummy[0, 0, 0, 0] if gx is None else gx.reshape(-1, self.c_in).numpy()
-        images = (r0 + gcols.shape[0] - 1) // self.length - r0 // self.length + 1
-        n_tasks = images * self.n_off * n_blocks
+        gx3 = dummy[0, 0, 0] if gx is None else gx.numpy()
+        n_tasks = self.images(r0, gcols.shape[0]) * self.n_off * n_blocks * n_parts
         args = (
-            *self._common(), gcols.numpy(), r0, self.c_pg, gx2,
+            *self._common(), gcols.numpy(), r0, self.c_pg, gx3,
             dummy if g_off is None else g_off.numpy(),
-            dummy[0] if g_mask is None else g_mask.numpy(), block, n_blocks,
+            dummy[0] if g_mask is None else g_mask.numpy(), block, n_blocks, n_parts,
             gx is not None, g_off is not None,
         )  # fmt: skip
         if _parallel(gcols.numel()):
             _numba_threads.launch(_col2im, *args, n_tasks, numba.get_num_threads())
         else:
             _col2im_tasks(*args, 0, n_tasks)
+
+    def images(self, r0: int, rows: int) -> int:
+        """How many images the global rows r0 .. r0 + rows (rows > 0) touch."""
+        return (r0 + rows - 1) // self.length - r0 // self.length + 1
 
     def group_columns(self, cols: Tensor, g: int) -> Tensor:
         """(R, K·C_pg) view of weight group g's columns (row stride = row_width)."""
@@ -829,7 +853,16 @@ def backward(
     chunks = _chunks(p.n, p.length, row_bytes, cap)
     block = max(1, min(c_per, CHANNEL_BLOCK))
     n_blocks = max(1, -(-c_per // block))
-    gx = _scratch("dense_gx", p.x2.shape[0], p.c_in, p.dtype).zero_() if want_x else None
+    # A chunk with fewer col2im tasks than MIN_COL2IM_TASKS splits each task's rows into
+    # parts, each with its own input-gradient partial (chunk-dependent, not thread-dependent).
+    n_parts = [
+        -(-MIN_COL2IM_TASKS // (p.images(r0, r1 - r0) * p.n_off * n_blocks)) for r0, r1 in chunks
+    ]
+    n_gx = max(n_parts, default=1)
+    gx = None
+    if want_x:
+        gx = _scratch("dense_gx", n_gx * p.x2.shape[0], p.c_in, p.dtype).zero_()
+        gx = gx.view(n_gx, p.x2.shape[0], p.c_in)
     gw_mat = None  # written by the first chunk (beta 0), zero when there is none
     if want_w:
         gw_mat = _scratch("dense_gw", p.c_out, p.row_width // p.groups, p.dtype)
@@ -841,7 +874,7 @@ def backward(
     want_cols = gx is not None or g_off is not None
     rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     cols, gcols = _workspace(rows, p.row_width, 2, p.dtype)
-    for r0, r1 in chunks:
+    for (r0, r1), parts in zip(chunks, n_parts, strict=True):
         chunk, g_chunk = cols[: r1 - r0], g_rows[r0:r1]
         if gw_mat is not None:
             p.im2col(chunk, r0)
@@ -869,7 +902,8 @@ def backward(
             for g in range(p.groups):
                 g_rows_g = g_chunk[:, g * cog : (g + 1) * cog]
                 torch.mm(g_rows_g, p.w_mat[g], out=p.group_columns(g_columns, g))
-        p.col2im(g_columns, r0, gx, g_off, g_mask, block, n_blocks)
+        gx_parts = None if gx is None else gx[:parts]
+        p.col2im(g_columns, r0, gx_parts, g_off, g_mask, block, n_blocks, parts)
     grad_input: Tensor | None = None
     grad_offset: Tensor | None = None
     grad_mask: Tensor | None = None
@@ -897,6 +931,8 @@ def backward(
     # The channels-last copies go before grad_input is allocated: a lower peak.
     del p, g_rows
     if gx is not None:
+        for i in range(1, n_gx):  # the row parts' partials, in a fixed order
+            gx[0].add_(gx[i])
         n, _, h, w = input.shape
-        grad_input = _to_channels_first(gx, n, h, w).to(input.dtype)
+        grad_input = _to_channels_first(gx[0], n, h, w).to(input.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

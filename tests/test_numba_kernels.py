@@ -315,7 +315,7 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("route", ["onednn", "mm", "mixed"])
+@pytest.mark.parametrize("route", ["onednn", "mm", "mixed", "sliced"])
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -330,27 +330,32 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
 def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
     # Each of the three GEMMs runs in oneDNN or torch.mm by its size; force each route
     # (mixed: oneDNN for the output and the weight, mm for the grad columns, in chunks
-    # of one image), check that it was taken, and compare with the reference.
-    calls = {"forward": 0, "backward": 0}
+    # of one image; sliced: oneDNN, the weight gradient in slices of columns), check
+    # that it was taken, and compare with the reference.
+    calls = {"forward_rows": 0, "backward_rows": 0, "weight_rows_into": 0}
     for name in calls:
-        real = getattr(_onednn, f"{name}_rows")
+        real = getattr(_onednn, name)
 
         def counted(*args, _real=real, _name=name, **kw):
             calls[_name] += 1
             return _real(*args, **kw)
 
-        monkeypatch.setattr(_onednn, f"{name}_rows", counted)
+        monkeypatch.setattr(_onednn, name, counted)
     on = route != "mm"
     monkeypatch.setattr(_onednn, "MIN_ROWS", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MIN_ROWS_WIDE", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS", 1 if on else 10**9)
+    monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS_SLICED", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MAX_FRESH_BYTES", 0 if route == "mixed" else 2**40)
+    if route == "sliced":  # a dense weight gradient in uneven slices of a few columns
+        monkeypatch.setattr(_onednn, "MAX_WEIGHT_GRAD_ELEMENTS", 50)
     if route == "mixed":
         row_bytes = 2 * cfg.in_channels * 9 * 4
         monkeypatch.setattr(_numba, "WORKSPACE_BYTES", cfg.size[0] * cfg.size[1] * row_bytes)
     x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
     _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
-    assert (calls["forward"] > 0) == on and (calls["backward"] > 0) == on, calls
+    expected = {"forward_rows": on, "backward_rows": route in ("onednn", "sliced"), "weight_rows_into": on}  # fmt: skip
+    assert {name: n > 0 for name, n in calls.items()} == expected, calls
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")

@@ -878,18 +878,18 @@ def backward(
         chunk, g_chunk = cols[: r1 - r0], g_rows[r0:r1]
         if gw_mat is not None:
             p.im2col(chunk, r0)
-        dnn_w = gw_mat is not None and _onednn.pays_for_weight(p.dtype, r1 - r0)
+        dnn_w = gw_mat is not None and _onednn.pays_for_weight(
+            p.dtype, r1 - r0, p.c_out, p.row_width // p.groups, p.groups
+        )
         dnn_cols = want_cols and _onednn.pays_for_columns(
             p.dtype, r1 - r0, p.row_width, p.c_out // p.groups
         )
-        g_columns, gw = None, None
-        if dnn_w or dnn_cols:
-            g_columns, gw = _onednn.backward_rows(
-                g_chunk, chunk, p.w_rows, p.groups, dnn_cols, dnn_w
-            )
-        if gw is not None and gw_mat is not None:
-            gw_all = gw_mat.view(gw.shape)
-            gw_all.copy_(gw) if r0 == 0 else gw_all.add_(gw)
+        g_columns = None
+        if dnn_cols:
+            g_columns = _onednn.backward_rows(g_chunk, chunk, p.w_rows, p.groups)
+        if dnn_w and gw_mat is not None:
+            gw_all = gw_mat.view(p.c_out, -1)
+            _onednn.weight_rows_into(gw_all, g_chunk, chunk, p.groups, accumulate=r0 > 0)
         elif gw_mat is not None:
             beta = 0.0 if r0 == 0 else 1.0  # beta 0: ignores (never reads) the buffer
             for g in range(p.groups):

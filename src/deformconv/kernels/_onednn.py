@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "MAX_FRESH_BYTES", "MIN_ROWS", "MIN_ROWS_WIDE", "MIN_WEIGHT_ROWS", "WIDE_OUTPUTS",
-    "backward_rows", "forward_rows",
+    "MAX_FRESH_BYTES", "MAX_WEIGHT_GRAD_ELEMENTS", "MIN_ROWS", "MIN_ROWS_WIDE",
+    "MIN_WEIGHT_ROWS", "MIN_WEIGHT_ROWS_SLICED", "WIDE_OUTPUTS",
+    "backward_rows", "forward_rows", "weight_rows_into",
     "pays_for_columns", "pays_for_output", "pays_for_weight",
 ]  # fmt: skip
 
@@ -43,9 +44,23 @@ MIN_ROWS_WIDE = 48
 WIDE_OUTPUTS = 128
 
 #: The weight gradient comes back as fresh (C_out, W_g) memory, where ``torch.mm`` writes
-#: into kept scratch: measured on ResNet-50's res5 weight (512 x 4608), oneDNN pays from
-#: about 600 rows.
+#: into kept scratch: oneDNN pays from about this many rows (measured on ResNet-50's res4
+#: layer at batch 1, 196 rows: forward + backward 3.9-5.4 ms with ``torch.mm``, 5.2-7.5
+#: with oneDNN)...
 MIN_WEIGHT_ROWS = 600
+
+#: ... or from this many where the gradient is computed in slices (see
+#: :data:`MAX_WEIGHT_GRAD_ELEMENTS`): ResNet-50's res5 layer (512 x 4608) forward +
+#: backward at batch 2 / 4 / 8 (98 / 196 / 392 rows) 11.9-12.8 / 17.6-18.5 / 26.6-26.9 ms
+#: with ``torch.mm``, 11.2-12.5 / 15.3-16.3 / 22.9-23.4 with oneDNN in four slices.
+MIN_WEIGHT_ROWS_SLICED = 96
+
+#: oneDNN's weight gradient slows down when the gradient it accumulates is large; wider
+#: gradients are computed in slices of columns of at most this many elements (each
+#: slice's columns copied out first). Measured at 392 rows (2 threads, Zen 5): a
+#: (512 x 4608) gradient at 110 GFLOP/s in one product, (512 x 1152) at 384, (256 x 2304)
+#: at 368-392, (256 x 4608) at 255; ``torch.mm`` runs them all at 190-210.
+MAX_WEIGHT_GRAD_ELEMENTS = 512 * 1152
 
 #: The grad columns come back as fresh memory too. The C library's allocator serves
 #: blocks up to 32 MiB from memory it keeps, and maps larger ones anew (a page fault per
@@ -71,9 +86,18 @@ def pays_for_output(dtype: torch.dtype, rows: int, outputs: int) -> bool:
     return _usable(dtype) and _enough_rows(rows, outputs)
 
 
-def pays_for_weight(dtype: torch.dtype, rows: int) -> bool:
-    """Whether the weight gradient over ``rows`` column rows runs in oneDNN."""
-    return _usable(dtype) and rows >= max(MIN_ROWS, MIN_WEIGHT_ROWS)
+def _weight_slices(c_out: int, width: int, groups: int) -> int:
+    """Slices of columns for a (c_out, width) weight gradient (see MAX_WEIGHT_GRAD_ELEMENTS)."""
+    return 1 if groups > 1 else -(-c_out * width // MAX_WEIGHT_GRAD_ELEMENTS)
+
+
+def pays_for_weight(dtype: torch.dtype, rows: int, c_out: int, width: int, groups: int) -> bool:
+    """Whether the (c_out, width) weight gradient over ``rows`` column rows runs in oneDNN.
+
+    ``width``: one weight group's columns.
+    """
+    sliced = _weight_slices(c_out, width, groups) > 1
+    return _usable(dtype) and rows >= (MIN_WEIGHT_ROWS_SLICED if sliced else MIN_WEIGHT_ROWS)
 
 
 def pays_for_columns(dtype: torch.dtype, rows: int, width: int, outputs: int) -> bool:
@@ -113,35 +137,53 @@ def forward_rows(columns: Tensor, weight: Tensor, bias: Tensor | None, groups: i
     return _as_rows(F.conv2d(_as_map(columns), w, bias, groups=groups))
 
 
-def backward_rows(
-    grad_rows: Tensor,
-    columns: Tensor,
-    weight: Tensor,
-    groups: int,
-    need_columns: bool,
-    need_weight: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients of :func:`forward_rows` with respect to the columns and the weight.
+def backward_rows(grad_rows: Tensor, columns: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """The gradient of :func:`forward_rows` with respect to the columns.
 
     Args:
         grad_rows: (R, C_out) contiguous rows of ``grad_output``.
-        columns: (R, groups·W_g) contiguous rows (read only for the weight's gradient).
+        columns: (R, groups·W_g) contiguous rows; only their shape is read.
         weight: (C_out, W_g) contiguous.
         groups: the weight groups.
-        need_columns: compute ``grad_columns_g = grad_rows_g · weight_g``.
-        need_weight: compute ``grad_weight_g = grad_rows_gᵀ · columns_g``.
 
     Returns:
-        ``(grad_columns, grad_weight)``: (R, groups·W_g) fresh contiguous rows and
-        (C_out, W_g), or None where not asked for.
+        ``grad_columns``, ``grad_columns_g = grad_rows_g · weight_g``: (R, groups·W_g) fresh
+        contiguous rows.
     """
     w = weight.view(weight.shape[0], weight.shape[1], 1, 1)
-    g_cols, g_w, _ = torch.ops.aten.convolution_backward(
+    g_cols, _, _ = torch.ops.aten.convolution_backward(
         _as_map(grad_rows), _as_map(columns), w, None,
-        [1, 1], [0, 0], [1, 1], False, [0, 0], groups,
-        [need_columns, need_weight, False],
+        [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [True, False, False],
     )  # fmt: skip
-    return (
-        None if g_cols is None else _as_rows(g_cols),
-        None if g_w is None else g_w.reshape(weight.shape),
-    )
+    return _as_rows(g_cols)
+
+
+def weight_rows_into(
+    out: Tensor, grad_rows: Tensor, columns: Tensor, groups: int, accumulate: bool
+) -> None:
+    """``out = grad_rows_gᵀ · columns_g`` for every group g (``+=`` when ``accumulate``).
+
+    Args:
+        out: (C_out, W_g), written in place.
+        grad_rows: (R, C_out) contiguous rows of ``grad_output``.
+        columns: (R, groups·W_g) contiguous rows, group g's columns at ``g·W_g``.
+        groups: the weight groups.
+        accumulate: add to ``out`` instead of overwriting it.
+
+    One weight group's gradient wider than :data:`MAX_WEIGHT_GRAD_ELEMENTS` is computed
+    in slices of columns.
+    """
+    c_out, width = out.shape
+    slices = _weight_slices(c_out, width, groups)
+    step = -(-width // slices)
+    g_map = _as_map(grad_rows)
+    for q0 in range(0, width, step):
+        part = columns if slices == 1 else columns[:, q0 : q0 + step].contiguous()
+        dst = out[:, q0 : q0 + part.shape[1] // groups]
+        w = dst.view(c_out, dst.shape[1], 1, 1) if slices == 1 else dst[:, :, None, None]
+        _, g_w, _ = torch.ops.aten.convolution_backward(
+            g_map, _as_map(part), w, None,
+            [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [False, True, False],
+        )  # fmt: skip
+        g_w = g_w.view(dst.shape)
+        dst.add_(g_w) if accumulate else dst.copy_(g_w)

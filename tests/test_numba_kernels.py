@@ -377,3 +377,17 @@ def test_gradients_without_the_weight_s_never_read_unfilled_columns(monkeypatch)
     _, ref = _run("reference", x, offset, weight, bias, None, call_kwargs(cfg), go)
     _assert_rel_close(gx, ref[0], TOL[torch.float32], "grad_input")
     _assert_rel_close(goff, ref[1], TOL[torch.float32], "grad_offset")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_weight_gradient_slices_match_a_float64_product(monkeypatch, accumulate):
+    # 13 output channels in slices of 5, 5 and 3 (a shorter last slice).
+    monkeypatch.setattr(_onednn, "MAX_WEIGHT_GRAD_ELEMENTS", 5 * 72)
+    assert _onednn._weight_slices(13, 72, 1) == 3
+    g = torch.Generator().manual_seed(0)
+    grad_rows, cols = torch.randn(50, 13, generator=g), torch.randn(50, 72, generator=g)
+    out = torch.randn(13, 72, generator=g)
+    expected = grad_rows.double().t() @ cols.double() + (out.double() if accumulate else 0)
+    _onednn.weight_rows_into(out, grad_rows, cols, 1, accumulate)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)

@@ -55,11 +55,11 @@ MIN_WEIGHT_ROWS = 600
 #: with ``torch.mm``, 11.2-12.5 / 15.3-16.3 / 22.9-23.4 with oneDNN in four slices.
 MIN_WEIGHT_ROWS_SLICED = 96
 
-#: oneDNN's weight gradient slows down when the gradient it accumulates is large; wider
-#: gradients are computed in slices of columns of at most this many elements (each
-#: slice's columns copied out first). Measured at 392 rows (2 threads, Zen 5): a
-#: (512 x 4608) gradient at 110 GFLOP/s in one product, (512 x 1152) at 384, (256 x 2304)
-#: at 368-392, (256 x 4608) at 255; ``torch.mm`` runs them all at 190-210.
+#: oneDNN's weight gradient slows down when the gradient it accumulates is large; larger
+#: gradients are computed in slices of output channels of at most this many elements.
+#: Measured at 392 rows (2 threads, Zen 5): a (512 x 4608) gradient at 110 GFLOP/s in one
+#: product, (128 x 4608) at 362, (512 x 1152) at 384, (256 x 2304) at 368-392, (256 x 4608)
+#: at 255; ``torch.mm`` runs them all at 190-210.
 MAX_WEIGHT_GRAD_ELEMENTS = 512 * 1152
 
 #: The grad columns come back as fresh memory too. The C library's allocator serves
@@ -87,7 +87,7 @@ def pays_for_output(dtype: torch.dtype, rows: int, outputs: int) -> bool:
 
 
 def _weight_slices(c_out: int, width: int, groups: int) -> int:
-    """Slices of columns for a (c_out, width) weight gradient (see MAX_WEIGHT_GRAD_ELEMENTS)."""
+    """Slices of a (c_out, width) weight gradient (see :data:`MAX_WEIGHT_GRAD_ELEMENTS`)."""
     return 1 if groups > 1 else -(-c_out * width // MAX_WEIGHT_GRAD_ELEMENTS)
 
 
@@ -164,25 +164,22 @@ def weight_rows_into(
     """``out = grad_rows_gᵀ · columns_g`` for every group g (``+=`` when ``accumulate``).
 
     Args:
-        out: (C_out, W_g), written in place.
+        out: (C_out, W_g) contiguous, written in place.
         grad_rows: (R, C_out) contiguous rows of ``grad_output``.
         columns: (R, groups·W_g) contiguous rows, group g's columns at ``g·W_g``.
         groups: the weight groups.
         accumulate: add to ``out`` instead of overwriting it.
 
-    One weight group's gradient wider than :data:`MAX_WEIGHT_GRAD_ELEMENTS` is computed
-    in slices of columns.
+    A single group's gradient larger than :data:`MAX_WEIGHT_GRAD_ELEMENTS` is computed in
+    slices of output channels (rows of ``out``; a copy of those columns of ``grad_rows``).
     """
     c_out, width = out.shape
-    slices = _weight_slices(c_out, width, groups)
-    step = -(-width // slices)
-    g_map = _as_map(grad_rows)
-    for q0 in range(0, width, step):
-        part = columns if slices == 1 else columns[:, q0 : q0 + step].contiguous()
-        dst = out[:, q0 : q0 + part.shape[1] // groups]
-        w = dst.view(c_out, dst.shape[1], 1, 1) if slices == 1 else dst[:, :, None, None]
+    step = -(-c_out // _weight_slices(c_out, width, groups))
+    for o0 in range(0, c_out, step):
+        g_part = grad_rows if step == c_out else grad_rows[:, o0 : o0 + step].contiguous()
+        dst = out[o0 : o0 + step]
         _, g_w, _ = torch.ops.aten.convolution_backward(
-            g_map, _as_map(part), w, None,
+            _as_map(g_part), _as_map(columns), dst.view(*dst.shape, 1, 1), None,
             [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [False, True, False],
         )  # fmt: skip
         g_w = g_w.view(dst.shape)

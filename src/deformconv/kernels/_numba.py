@@ -666,6 +666,19 @@ class _Problem:
         """(groups, C_out/groups, K·C_pg): the weight in the columns' order."""
         return _weight_matrix(self.weight, self.groups, self.dtype)
 
+    @functools.cached_property
+    def w_t(self) -> Tensor:
+        """(groups·K·C_pg, C_out/groups, 1, 1): each group's :attr:`w_mat` transposed.
+
+        The weight of oneDNN's grad-columns product, made from the weight in one copy
+        (into the thread's kept scratch, as :func:`_weight_matrix`).
+        """
+        cog = self.c_out // self.groups
+        out = _scratch("dense_wt", self.row_width, cog, self.dtype)
+        w = self.weight.reshape(self.groups, cog, self.c_pg, self.k).permute(0, 3, 2, 1)
+        out.view(w.shape).copy_(w)
+        return out.view(self.row_width, cog, 1, 1)
+
     @property
     def w_rows(self) -> Tensor:
         """(C_out, K·C_pg): :attr:`w_mat` with the groups' output channels in one list."""
@@ -866,7 +879,7 @@ def backward(
     gw_mat = None  # written by the first chunk (beta 0), zero when there is none
     if want_w:
         gw_mat = _scratch("dense_gw", p.c_out, p.row_width // p.groups, p.dtype)
-        gw_mat = gw_mat.view(p.w_mat.shape)
+        gw_mat = gw_mat.view(p.groups, cog, p.row_width // p.groups)
         if not chunks:
             gw_mat.zero_()
     g_off = p.x.new_empty(n_blocks, *p.off.shape) if want_off else None
@@ -886,7 +899,10 @@ def backward(
         )
         g_columns = None
         if dnn_cols:
-            g_columns = _onednn.backward_rows(g_chunk, chunk, p.w_rows, p.groups)
+            if _onednn.writes_in_place(r1 - r0, cog):
+                g_columns = _onednn.grad_columns_into(gcols[: r1 - r0], g_chunk, p.w_t, p.groups)
+            else:
+                g_columns = _onednn.backward_rows(g_chunk, chunk, p.w_rows, p.groups)
         if dnn_w and gw_mat is not None:
             gw_all = gw_mat.view(p.c_out, -1)
             _onednn.weight_rows_into(gw_all, g_chunk, chunk, p.groups, accumulate=r0 > 0)

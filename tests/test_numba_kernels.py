@@ -315,7 +315,7 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("route", ["onednn", "mm", "mixed", "sliced", "fresh"])
+@pytest.mark.parametrize("route", ["onednn", "mm", "mixed", "sliced"])
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -330,11 +330,9 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
 def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
     # Each of the three GEMMs runs in oneDNN or torch.mm by its size; force each route
     # (mixed: oneDNN for the output and the weight, mm for the grad columns, in chunks
-    # of one image; sliced: oneDNN, the weight gradient in slices of output channels;
-    # fresh: oneDNN without its in-place convolution, grad columns in fresh memory, as
-    # on every oneDNN route where the rows are fewer than a group's outputs),
-    # check that it was taken, and compare with the reference.
-    calls = {"forward_rows": 0, "grad_columns_into": 0, "backward_rows": 0, "weight_rows_into": 0}
+    # of one image; sliced: oneDNN, the weight gradient in slices of columns), check
+    # that it was taken, and compare with the reference.
+    calls = {"forward_rows": 0, "backward_rows": 0, "weight_rows_into": 0}
     for name in calls:
         real = getattr(_onednn, name)
 
@@ -349,22 +347,14 @@ def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
     monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS_SLICED", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MAX_FRESH_BYTES", 0 if route == "mixed" else 2**40)
-    if route == "sliced":  # a dense weight gradient in slices of a few output channels
+    if route == "sliced":  # a dense weight gradient in uneven slices of a few columns
         monkeypatch.setattr(_onednn, "MAX_WEIGHT_GRAD_ELEMENTS", 50)
-    if route in ("mixed", "fresh"):
-        monkeypatch.setattr(_onednn, "_add_in_place", lambda: None)
     if route == "mixed":
         row_bytes = 2 * cfg.in_channels * 9 * 4
         monkeypatch.setattr(_numba, "WORKSPACE_BYTES", cfg.size[0] * cfg.size[1] * row_bytes)
     x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
     _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
-    in_place = cfg.batch * cfg.out_size[0] * cfg.out_size[1] >= cfg.out_channels // cfg.groups
-    expected = {
-        "forward_rows": on,
-        "grad_columns_into": on and route in ("onednn", "sliced") and in_place,
-        "backward_rows": on and route != "mixed" and (route == "fresh" or not in_place),
-        "weight_rows_into": on,
-    }
+    expected = {"forward_rows": on, "backward_rows": route in ("onednn", "sliced"), "weight_rows_into": on}  # fmt: skip
     assert {name: n > 0 for name, n in calls.items()} == expected, calls
 
 

@@ -666,19 +666,6 @@ class _Problem:
         """(groups, C_out/groups, K·C_pg): the weight in the columns' order."""
         return _weight_matrix(self.weight, self.groups, self.dtype)
 
-    @functools.cached_property
-    def w_t(self) -> Tensor:
-        """(groups·K·C_pg, C_out/groups, 1, 1): each group's :attr:`w_mat` transposed.
-
-        The weight of oneDNN's grad-columns product, made from the weight in one copy
-        (into the thread's kept scratch, as :func:`_weight_matrix`).
-        """
-        cog = self.c_out // self.groups
-        out = _scratch("dense_wt", self.row_width, cog, self.dtype)
-        w = self.weight.reshape(self.groups, cog, self.c_pg, self.k).permute(0, 3, 2, 1)
-        out.view(w.shape).copy_(w)
-        return out.view(self.row_width, cog, 1, 1)
-
     @property
     def w_rows(self) -> Tensor:
         """(C_out, K·C_pg): :attr:`w_mat` with the groups' output channels in one list."""
@@ -899,10 +886,7 @@ def backward(
         )
         g_columns = None
         if dnn_cols:
-            if _onednn.writes_in_place(r1 - r0, cog):
-                g_columns = _onednn.grad_columns_into(gcols[: r1 - r0], g_chunk, p.w_t, p.groups)
-            else:
-                g_columns = _onednn.backward_rows(g_chunk, chunk, p.w_rows, p.groups)
+            g_columns = _onednn.backward_rows(g_chunk, chunk, p.w_rows, p.groups)
         if dnn_w and gw_mat is not None:
             gw_all = gw_mat.view(p.c_out, -1)
             _onednn.weight_rows_into(gw_all, g_chunk, chunk, p.groups, accumulate=r0 > 0)

@@ -20,9 +20,6 @@ without oneDNN and small products keep ``torch.mm``.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,8 +27,7 @@ from torch import Tensor
 __all__ = [
     "MAX_FRESH_BYTES", "MAX_WEIGHT_GRAD_ELEMENTS", "MIN_ROWS", "MIN_ROWS_WIDE",
     "MIN_WEIGHT_ROWS", "MIN_WEIGHT_ROWS_SLICED", "WIDE_OUTPUTS",
-    "backward_rows", "forward_rows", "grad_columns_into", "weight_rows_into",
-    "writes_in_place",
+    "backward_rows", "forward_rows", "weight_rows_into",
     "pays_for_columns", "pays_for_output", "pays_for_weight",
 ]  # fmt: skip
 
@@ -66,11 +62,10 @@ MIN_WEIGHT_ROWS_SLICED = 96
 #: at 255; ``torch.mm`` runs them all at 190-210.
 MAX_WEIGHT_GRAD_ELEMENTS = 512 * 1152
 
-#: Where PyTorch lacks oneDNN's in-place convolution, the grad columns come back as fresh
-#: memory too. The C library's allocator serves blocks up to 32 MiB from memory it keeps,
-#: and maps larger ones anew (a page fault per 4 KiB page: 15 ms for 75 MB here, more than
-#: oneDNN saves on a 64-channel layer); larger chunks then keep ``torch.mm`` into the kept
-#: workspace.
+#: The grad columns come back as fresh memory too. The C library's allocator serves
+#: blocks up to 32 MiB from memory it keeps, and maps larger ones anew (a page fault per
+#: 4 KiB page: 15 ms for 75 MB here, more than oneDNN saves on a 64-channel layer); larger
+#: chunks keep ``torch.mm`` into the kept workspace.
 MAX_FRESH_BYTES = 32 * 2**20
 
 
@@ -111,8 +106,7 @@ def pays_for_columns(dtype: torch.dtype, rows: int, width: int, outputs: int) ->
     ``outputs``: the output channels per weight group.
     """
     fresh = rows * width * torch.empty(0, dtype=dtype).element_size()
-    in_place = writes_in_place(rows, outputs)
-    return _usable(dtype) and _enough_rows(rows, outputs) and (in_place or fresh <= MAX_FRESH_BYTES)
+    return _usable(dtype) and _enough_rows(rows, outputs) and fresh <= MAX_FRESH_BYTES
 
 
 def _as_map(rows: Tensor) -> Tensor:
@@ -144,7 +138,7 @@ def forward_rows(columns: Tensor, weight: Tensor, bias: Tensor | None, groups: i
 
 
 def backward_rows(grad_rows: Tensor, columns: Tensor, weight: Tensor, groups: int) -> Tensor:
-    """The gradient of :func:`forward_rows` with respect to the columns, in fresh memory.
+    """The gradient of :func:`forward_rows` with respect to the columns.
 
     Args:
         grad_rows: (R, C_out) contiguous rows of ``grad_output``.
@@ -153,7 +147,8 @@ def backward_rows(grad_rows: Tensor, columns: Tensor, weight: Tensor, groups: in
         groups: the weight groups.
 
     Returns:
-        ``grad_columns_g = grad_rows_g · weight_g``: (R, groups·W_g) fresh contiguous rows.
+        ``grad_columns``, ``grad_columns_g = grad_rows_g · weight_g``: (R, groups·W_g) fresh
+        contiguous rows.
     """
     w = weight.view(weight.shape[0], weight.shape[1], 1, 1)
     g_cols, _, _ = torch.ops.aten.convolution_backward(
@@ -161,52 +156,6 @@ def backward_rows(grad_rows: Tensor, columns: Tensor, weight: Tensor, groups: in
         [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [True, False, False],
     )  # fmt: skip
     return _as_rows(g_cols)
-
-
-@functools.cache
-def _add_in_place() -> Any:
-    """The in-place convolution that adds its result to a given tensor, or None.
-
-    PyTorch's compiler fuses convolutions with it; builds without oneDNN lack it.
-    """
-    op = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
-    return getattr(op, "binary", None)
-
-
-def writes_in_place(rows: int, outputs: int) -> bool:
-    """Whether ``rows`` rows of grad columns go through :func:`grad_columns_into`.
-
-    Where PyTorch has the in-place convolution, and the rows are at least ``outputs`` (the
-    output channels per group): the transposed weight it needs is then no larger than
-    the columns. Fewer rows take :func:`backward_rows`: ResNet-50's res5 layer at batch 1
-    (49 rows) ran its forward + backward in 8.5-9.1 ms in place, 6.3-7.0 ms fresh.
-    """
-    return rows >= outputs and _add_in_place() is not None
-
-
-def grad_columns_into(out: Tensor, grad_rows: Tensor, weight_t: Tensor, groups: int) -> Tensor:
-    """The gradient of :func:`forward_rows` with respect to the columns, written into ``out``.
-
-    ``grad_columns_g = grad_rows_g · weight_g``, as a 1x1 convolution of the grad rows.
-    Measured on ResNet-50's res3 layer (batch 8, 2 threads): 2,176 page faults per forward
-    + backward with fresh grad columns, 188 in place.
-
-    Args:
-        out: (R, groups·W_g) contiguous, kept memory for the result.
-        grad_rows: (R, C_out) contiguous rows of ``grad_output``.
-        weight_t: (groups·W_g, C_out/groups, 1, 1) contiguous: each group's (C_out/groups,
-            W_g) weight transposed.
-        groups: the weight groups.
-
-    Returns:
-        ``out``, zeroed and then added to in place (no fresh memory: a fresh result of
-        megabytes page-faults whenever the C library has given its memory back).
-    """
-    add = _add_in_place()
-    out.zero_()
-    add(_as_map(out), _as_map(grad_rows), weight_t, None, [0, 0], [1, 1], [1, 1], groups,
-        "add", 1.0, None, [], None)  # fmt: skip
-    return out
 
 
 def weight_rows_into(

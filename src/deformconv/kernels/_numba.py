@@ -139,6 +139,26 @@ def _corners(y, x, height, width, one):  # pragma: no cover
 _corners_fn = numba.njit(**_options)(_corners.py_func)
 
 
+@numba.njit(inline="always")
+def _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col, q):  # pragma: no cover
+    """Write the runs of channels ``c_lo .. c_hi`` that lie inside one weight group.
+
+    Run q (from the given ``q`` on) is channels ``chan[q] .. chan[q] + count[q]``, whose
+    columns start at ``col[q] + k·C_pg`` for kernel point k. Returns the next free q. The
+    kernels find the runs once per call or task, not by a division per sample.
+    """
+    c = c_lo
+    while c < c_hi:
+        wg = c // c_pg
+        cnt = min(c_hi, (wg + 1) * c_pg) - c
+        chan[q] = c
+        count[q] = cnt
+        col[q] = c + wg * (n_k - 1) * c_pg
+        q += 1
+        c += cnt
+    return q
+
+
 @_serial_jit
 def _im2col_rows(
     x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
@@ -152,12 +172,22 @@ def _im2col_rows(
     # wraparound and LLVM vectorises the channel loop.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
+    # offset group g's runs: first[g] .. first[g + 1] (see _channel_runs)
+    first = np.zeros(n_off + 1, dtype=np.int64)
+    chan = np.empty(x.shape[1] + n_off, dtype=np.uint64)
+    count = np.empty_like(chan)
+    col0 = np.empty_like(chan)
+    for g in range(n_off):
+        first[g + 1] = _channel_runs(
+            g * c_per, (g + 1) * c_per, c_pg, n_k, chan, count, col0, first[g]
+        )
     one = x.dtype.type(1)
     for r in range(r_lo, r_hi):
         b = (row0 + r) // length
         p_l = (row0 + r) - b * length
         pix = b * height * width
         for k in range(n_k):
+            kc = np.uint64(k * c_pg)
             for g in range(n_off):
                 y = base_y[k, p_l] + off[b, g, k, 0, p_l]
                 xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
@@ -179,19 +209,15 @@ def _im2col_rows(
                     i10 = np.uint64(pix + ry1 * width + rx0)
                     i11 = np.uint64(pix + ry1 * width + rx1)
                 # Outside the map every weight is 0 (the row reads 0; the indices are valid).
-                c = g * c_per
-                c_end = c + c_per
-                while c < c_end:  # runs of channels inside one weight group
-                    wg = c // c_pg
-                    cnt = np.uint64(min(c_end, (wg + 1) * c_pg) - c)
-                    col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
-                    cu = np.uint64(c)
+                for q in range(first[g], first[g + 1]):  # runs inside one weight group
+                    cnt = count[q]
+                    col = col0[q] + kc
+                    cu = chan[q]
                     for j in range(cnt):
                         cols[r, col + j] = (
                             w00 * x[i00, cu + j] + w01 * x[i01, cu + j]
                             + w10 * x[i10, cu + j] + w11 * x[i11, cu + j]
                         )  # fmt: skip
-                    c += np.int64(cnt)
 
 
 @_jit
@@ -342,6 +368,9 @@ def _col2im_tasks(
     b_first = row0 // length
     one = x.dtype.type(1)
     zero = one - one
+    chan = np.empty(block + 1, dtype=np.uint64)  # the task's runs (see _channel_runs)
+    count = np.empty_like(chan)
+    col0 = np.empty_like(chan)
     for t in range(t_lo, t_hi):
         part = t % n_parts
         b = b_first + t // (n_off * n_blocks * n_parts)
@@ -355,6 +384,7 @@ def _col2im_tasks(
         r_hi = i_lo + (i_hi - i_lo) * (part + 1) // n_parts
         gxp = gx[part]
         pix = b * height * width
+        n_runs = _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col0, 0)
         for r in range(r_lo, r_hi):
             p_l = (row0 + r) - b * length
             for k in range(n_k):
@@ -383,12 +413,11 @@ def _col2im_tasks(
                 # d_q = sum_c gc · x_q over this task's channels; then the offset and mask
                 # gradients follow from the four dot products.
                 d00 = d01 = d10 = d11 = zero
-                c = c_lo
-                while c < c_hi:  # runs of channels inside one weight group
-                    wg = c // c_pg
-                    cnt = np.uint64(min(c_hi, (wg + 1) * c_pg) - c)
-                    col = np.uint64(c + wg * (n_k - 1) * c_pg + k * c_pg)
-                    cu = np.uint64(c)
+                kc = np.uint64(k * c_pg)
+                for q in range(n_runs):  # runs of channels inside one weight group
+                    cnt = count[q]
+                    col = col0[q] + kc
+                    cu = chan[q]
                     # Whole vectors: one pass reads each grad column once for the four dot
                     # products and the four scatters.
                     full = cnt // _LANES * _LANES
@@ -415,7 +444,6 @@ def _col2im_tasks(
                         _axpy(gcols, r, col, gxp, i01, cu, rest, w01)
                         _axpy(gcols, r, col, gxp, i10, cu, rest, w10)
                         _axpy(gcols, r, col, gxp, i11, cu, rest, w11)
-                    c += np.int64(cnt)
                 if not want_off:
                     continue
                 d00 *= v00

@@ -391,3 +391,32 @@ def test_weight_gradient_slices_match_a_float64_product(monkeypatch, accumulate)
     expected = grad_rows.double().t() @ cols.double() + (out.double() if accumulate else 0)
     _onednn.weight_rows_into(out, grad_rows, cols, 1, accumulate)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
+    # im2col finds eight pixels' taps in vectors where eight pixels of one image follow
+    # each other in the rows it fills, else one pixel's at a time: both must give the same
+    # columns, bit for bit, on positions inside, on the border of and outside the map
+    # (NaN, ±inf, huge), with and without a mask. Rows filled one at a time take only the
+    # one-pixel path.
+    cfg = Config(batch=2, in_channels=10, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    offset = offset * 4
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.5, 7.0])
+    replace = torch.rand(offset.shape, generator=g) < 0.2
+    pick = torch.randint(0, len(specials), offset.shape, generator=g)
+    offset = torch.where(replace, specials[pick].to(dtype), offset)
+    geo = ((1, 1), (1, 1), (1, 1))
+    p = _numba._Problem(x, offset, mask if modulated else None, weight, *geo)
+    rows = p.n * p.length
+    common = p._common()
+    vectors = torch.full((rows, p.row_width), float("nan"), dtype=dtype)
+    _numba._im2col_rows(*common, vectors.numpy(), 0, p.c_pg, 0, rows)
+    singles = torch.full((rows, p.row_width), float("nan"), dtype=dtype)
+    for r in range(rows):
+        _numba._im2col_rows(*common, singles.numpy(), 0, p.c_pg, r, r + 1)
+    assert not torch.isnan(singles).all(dim=1).any()  # every row was filled
+    torch.testing.assert_close(vectors, singles, rtol=0, atol=0, equal_nan=True)

@@ -74,7 +74,23 @@ from torch import Tensor
 from deformconv.kernels import _numba_threads, _onednn
 from deformconv.kernels._chunks import plan_chunks
 from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
-from deformconv.kernels._simd import LANES, vload, vmuladd, vsplat, vstore, vsum4
+from deformconv.kernels._simd import (
+    LANES,
+    vadd,
+    vfloor,
+    vge,
+    vload,
+    vlt,
+    vmax,
+    vmin,
+    vmul,
+    vmuladd,
+    vselect,
+    vsplat,
+    vstore,
+    vsub,
+    vsum4,
+)  # fmt: skip
 
 _numba_threads.configure()  # before the first parallel kernel runs
 
@@ -159,6 +175,72 @@ def _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col, q):  # pragma: no cov
     return q
 
 
+# Rows of the eight-pixel tap table of _taps8: clamped corner rows and columns (exact small
+# integers), then the four modulated weights.
+_RY0, _RY1, _RX0, _RX1, _W00, _W01, _W10, _W11 = range(8)
+
+
+@numba.njit(inline="always")
+def _taps8(
+    base_y, base_x, off2, mask2, has_mask, k, ro, rm, p_l, fh, fw, one, tab
+):  # pragma: no cover
+    """Corners and weights of the eight output pixels p_l .. p_l + 8 at kernel point k.
+
+    ``off2[ro]`` holds their Δy, ``off2[ro + 1]`` their Δx, ``mask2[rm]`` their mask. The
+    same operations in the same order as :func:`_corners` and the scalar path, lane-wise,
+    so the table's values are bitwise the scalar path's. Lanes outside the map (NaN
+    included: the comparisons are False) are moved to -1 before the floor and get mask
+    0: weights 0 at the clamped corner (0, 0), as the scalar path's 0 at the image's
+    first pixel.
+    """
+    vone = vsplat(one)
+    vzero = vsub(vone, vone)
+    vneg = vsub(vzero, vone)
+    vh = vsplat(fh)
+    vw = vsplat(fw)
+    yy = vadd(vload(base_y, k, p_l), vload(off2, ro, p_l))
+    xx = vadd(vload(base_x, k, p_l), vload(off2, ro + 1, p_l))
+    ok = vmul(vmul(vge(yy, vneg), vlt(yy, vh)), vmul(vge(xx, vneg), vlt(xx, vw)))
+    yy = vselect(ok, yy, vneg)
+    xx = vselect(ok, xx, vneg)
+    m = vselect(ok, vload(mask2, rm, p_l) if has_mask else vone, vzero)
+    y0 = vfloor(yy)
+    x0 = vfloor(xx)
+    ly = vsub(yy, y0)
+    lx = vsub(xx, x0)
+    hy = vsub(vone, ly)
+    hx = vsub(vone, lx)
+    # Row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1 (as 0/1 by a min).
+    vy0 = vmin(vadd(y0, vone), vone)
+    vy1 = vmin(vsub(vsub(vh, vone), y0), vone)
+    vx0 = vmin(vadd(x0, vone), vone)
+    vx1 = vmin(vsub(vsub(vw, vone), x0), vone)
+    vstore(tab, _RY0, 0, vmax(y0, vzero))
+    vstore(tab, _RY1, 0, vmin(vadd(y0, vone), vsub(vh, vone)))
+    vstore(tab, _RX0, 0, vmax(x0, vzero))
+    vstore(tab, _RX1, 0, vmin(vadd(x0, vone), vsub(vw, vone)))
+    vstore(tab, _W00, 0, vmul(vmul(vmul(hy, hx), vmul(vy0, vx0)), m))
+    vstore(tab, _W01, 0, vmul(vmul(vmul(hy, lx), vmul(vy0, vx1)), m))
+    vstore(tab, _W10, 0, vmul(vmul(vmul(ly, hx), vmul(vy1, vx0)), m))
+    vstore(tab, _W11, 0, vmul(vmul(vmul(ly, lx), vmul(vy1, vx1)), m))
+
+
+@numba.njit(inline="always")
+def _blend(
+    x, cols, r, kc, i00, i01, i10, i11, w00, w01, w10, w11, lo, hi, chan, count, col0
+):  # pragma: no cover
+    """``cols[r, run's columns] = Σ_q w_q · x[i_q, run's channels]`` for runs lo .. hi."""
+    for q in range(lo, hi):  # runs inside one weight group
+        cnt = count[q]
+        col = col0[q] + kc
+        cu = chan[q]
+        for j in range(cnt):
+            cols[r, col + j] = (
+                w00 * x[i00, cu + j] + w01 * x[i01, cu + j]
+                + w10 * x[i10, cu + j] + w11 * x[i11, cu + j]
+            )  # fmt: skip
+
+
 @_serial_jit
 def _im2col_rows(
     x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
@@ -167,7 +249,8 @@ def _im2col_rows(
     # mask: (N, G, K, L) or a dummy. base_y, base_x: (K, L) sampling grid without offsets.
     # cols: (R, groups·K·C_pg) for the global rows row0 .. row0 + R (row = n·L + l); channel
     # c of kernel point k goes to column (c // C_pg)·K·C_pg + k·C_pg + c % C_pg. Fills the
-    # local rows r_lo .. r_hi.
+    # local rows r_lo .. r_hi: eight pixels of one image at a time where they are (their
+    # taps found in vectors, _taps8), the rest one by one.
     # Inner-loop indices are unsigned (all are >= 0): Numba then skips its negative-index
     # wraparound and LLVM vectorises the channel loop.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
@@ -182,10 +265,36 @@ def _im2col_rows(
             g * c_per, (g + 1) * c_per, c_pg, n_k, chan, count, col0, first[g]
         )
     one = x.dtype.type(1)
-    for r in range(r_lo, r_hi):
+    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
+    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    tab = np.empty((8, LANES), dtype=x.dtype)
+    fh = x.dtype.type(height)
+    fw = x.dtype.type(width)
+    r = r_lo
+    while r < r_hi:
         b = (row0 + r) // length
         p_l = (row0 + r) - b * length
         pix = b * height * width
+        if r + LANES <= r_hi and p_l + LANES <= length:
+            for k in range(n_k):
+                kc = np.uint64(k * c_pg)
+                for g in range(n_off):
+                    rm = (b * n_off + g) * n_k + k
+                    _taps8(
+                        base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab
+                    )
+                    for i in range(LANES):
+                        y0 = np.int64(tab[_RY0, i]) * width + pix
+                        y1 = np.int64(tab[_RY1, i]) * width + pix
+                        x0 = np.int64(tab[_RX0, i])
+                        x1 = np.int64(tab[_RX1, i])
+                        _blend(
+                            x, cols, r + i, kc, np.uint64(y0 + x0), np.uint64(y0 + x1),
+                            np.uint64(y1 + x0), np.uint64(y1 + x1), tab[_W00, i], tab[_W01, i],
+                            tab[_W10, i], tab[_W11, i], first[g], first[g + 1], chan, count, col0,
+                        )  # fmt: skip
+            r += LANES
+            continue
         for k in range(n_k):
             kc = np.uint64(k * c_pg)
             for g in range(n_off):
@@ -209,15 +318,11 @@ def _im2col_rows(
                     i10 = np.uint64(pix + ry1 * width + rx0)
                     i11 = np.uint64(pix + ry1 * width + rx1)
                 # Outside the map every weight is 0 (the row reads 0; the indices are valid).
-                for q in range(first[g], first[g + 1]):  # runs inside one weight group
-                    cnt = count[q]
-                    col = col0[q] + kc
-                    cu = chan[q]
-                    for j in range(cnt):
-                        cols[r, col + j] = (
-                            w00 * x[i00, cu + j] + w01 * x[i01, cu + j]
-                            + w10 * x[i10, cu + j] + w11 * x[i11, cu + j]
-                        )  # fmt: skip
+                _blend(
+                    x, cols, r, kc, i00, i01, i10, i11, w00, w01, w10, w11,
+                    first[g], first[g + 1], chan, count, col0,
+                )  # fmt: skip
+        r += 1
 
 
 @_jit

@@ -420,3 +420,44 @@ def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
         _numba._im2col_rows(*common, singles.numpy(), 0, p.c_pg, r, r + 1)
     assert not torch.isnan(singles).all(dim=1).any()  # every row was filled
     torch.testing.assert_close(vectors, singles, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_col2im_eight_row_taps_equal_one_row_taps(dtype, modulated):
+    # col2im takes a task's rows eight at a time (taps found in vectors) where it can and
+    # one at a time elsewhere, in the same (row, kernel point) order: scattering a chunk
+    # at once and row by row must give the same input, offset and mask gradients, bit for
+    # bit, on positions inside, on the border of and outside the map. 70 channels: two
+    # channel blocks, the second with a scalar tail.
+    cfg = Config(batch=2, in_channels=140, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(6)
+    offset = offset * 4
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.5, 7.0])
+    replace = torch.rand(offset.shape, generator=g) < 0.2
+    pick = torch.randint(0, len(specials), offset.shape, generator=g)
+    offset = torch.where(replace, specials[pick].to(dtype), offset)
+    geo = ((1, 1), (1, 1), (1, 1))
+    p = _numba._Problem(x, offset, mask if modulated else None, weight, *geo)
+    rows = p.n * p.length
+    gcols = torch.randn(rows, p.row_width, generator=g).to(dtype)
+    block, n_blocks = 64, 2  # of the 70 channels per offset group
+
+    def scatter(row_ranges):
+        gx = torch.zeros(1, *p.x2.shape, dtype=dtype)
+        g_off = torch.full((n_blocks, *p.off.shape), float("nan"), dtype=dtype)
+        g_mask = torch.full((n_blocks, p.n, p.n_off, p.k, p.length), float("nan"), dtype=dtype)
+        for r0, r1 in row_ranges:
+            n_tasks = p.images(r0, r1 - r0) * p.n_off * n_blocks
+            _numba._col2im_tasks(
+                *p._common(), gcols[r0:r1].numpy(), r0, p.c_pg, gx.numpy(), g_off.numpy(),
+                g_mask.numpy(), block, n_blocks, 1, True, True, 0, n_tasks,
+            )  # fmt: skip
+        return gx, g_off, g_mask
+
+    at_once = scatter([(0, rows)])
+    one_by_one = scatter([(r, r + 1) for r in range(rows)])
+    assert not torch.isnan(one_by_one[1]).any()  # every sample was written
+    for a, b in zip(at_once, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -176,15 +176,18 @@ def _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col, q):  # pragma: no cov
 
 
 # Rows of the eight-pixel tap table of _taps8: clamped corner rows and columns (exact small
-# integers), then the four modulated weights.
+# integers), the four modulated weights, the fractional parts, the corners' 0/1 validity,
+# the mask (0 outside the map) and 1 / 0 for inside / outside the map.
 _RY0, _RY1, _RX0, _RX1, _W00, _W01, _W10, _W11 = range(8)
+_LY, _LX, _V00, _V01, _V10, _V11, _M, _OK = range(8, 16)
+_TAB_ROWS = 16
 
 
 @numba.njit(inline="always")
 def _taps8(
     base_y, base_x, off2, mask2, has_mask, k, ro, rm, p_l, fh, fw, one, tab
 ):  # pragma: no cover
-    """Corners and weights of the eight output pixels p_l .. p_l + 8 at kernel point k.
+    """The taps of the eight output pixels p_l .. p_l + 8 at kernel point k, into ``tab``.
 
     ``off2[ro]`` holds their Δy, ``off2[ro + 1]`` their Δx, ``mask2[rm]`` their mask. The
     same operations in the same order as :func:`_corners` and the scalar path, lane-wise,
@@ -215,14 +218,36 @@ def _taps8(
     vy1 = vmin(vsub(vsub(vh, vone), y0), vone)
     vx0 = vmin(vadd(x0, vone), vone)
     vx1 = vmin(vsub(vsub(vw, vone), x0), vone)
+    v00 = vmul(vy0, vx0)
+    v01 = vmul(vy0, vx1)
+    v10 = vmul(vy1, vx0)
+    v11 = vmul(vy1, vx1)
     vstore(tab, _RY0, 0, vmax(y0, vzero))
     vstore(tab, _RY1, 0, vmin(vadd(y0, vone), vsub(vh, vone)))
     vstore(tab, _RX0, 0, vmax(x0, vzero))
     vstore(tab, _RX1, 0, vmin(vadd(x0, vone), vsub(vw, vone)))
-    vstore(tab, _W00, 0, vmul(vmul(vmul(hy, hx), vmul(vy0, vx0)), m))
-    vstore(tab, _W01, 0, vmul(vmul(vmul(hy, lx), vmul(vy0, vx1)), m))
-    vstore(tab, _W10, 0, vmul(vmul(vmul(ly, hx), vmul(vy1, vx0)), m))
-    vstore(tab, _W11, 0, vmul(vmul(vmul(ly, lx), vmul(vy1, vx1)), m))
+    vstore(tab, _W00, 0, vmul(vmul(vmul(hy, hx), v00), m))
+    vstore(tab, _W01, 0, vmul(vmul(vmul(hy, lx), v01), m))
+    vstore(tab, _W10, 0, vmul(vmul(vmul(ly, hx), v10), m))
+    vstore(tab, _W11, 0, vmul(vmul(vmul(ly, lx), v11), m))
+    vstore(tab, _LY, 0, ly)
+    vstore(tab, _LX, 0, lx)
+    vstore(tab, _V00, 0, v00)
+    vstore(tab, _V01, 0, v01)
+    vstore(tab, _V10, 0, v10)
+    vstore(tab, _V11, 0, v11)
+    vstore(tab, _M, 0, m)
+    vstore(tab, _OK, 0, ok)
+
+
+@numba.njit(inline="always")
+def _tab_corners(tab, i, pix, width):  # pragma: no cover
+    """Flat input rows of pixel i's four corners in a tap table (exact integers there)."""
+    y0 = np.int64(tab[_RY0, i]) * width + pix
+    y1 = np.int64(tab[_RY1, i]) * width + pix
+    x0 = np.int64(tab[_RX0, i])
+    x1 = np.int64(tab[_RX1, i])
+    return np.uint64(y0 + x0), np.uint64(y0 + x1), np.uint64(y1 + x0), np.uint64(y1 + x1)
 
 
 @numba.njit(inline="always")
@@ -267,7 +292,7 @@ def _im2col_rows(
     one = x.dtype.type(1)
     off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
     mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
-    tab = np.empty((8, LANES), dtype=x.dtype)
+    tab = np.empty((_TAB_ROWS, LANES), dtype=x.dtype)
     fh = x.dtype.type(height)
     fw = x.dtype.type(width)
     r = r_lo
@@ -284,13 +309,9 @@ def _im2col_rows(
                         base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab
                     )
                     for i in range(LANES):
-                        y0 = np.int64(tab[_RY0, i]) * width + pix
-                        y1 = np.int64(tab[_RY1, i]) * width + pix
-                        x0 = np.int64(tab[_RX0, i])
-                        x1 = np.int64(tab[_RX1, i])
+                        i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
                         _blend(
-                            x, cols, r + i, kc, np.uint64(y0 + x0), np.uint64(y0 + x1),
-                            np.uint64(y1 + x0), np.uint64(y1 + x1), tab[_W00, i], tab[_W01, i],
+                            x, cols, r + i, kc, i00, i01, i10, i11, tab[_W00, i], tab[_W01, i],
                             tab[_W10, i], tab[_W11, i], first[g], first[g + 1], chan, count, col0,
                         )  # fmt: skip
             r += LANES
@@ -467,12 +488,20 @@ def _col2im_tasks(
     # the same element. Part q of n_parts takes the q-th of n_parts equal runs of the
     # image's rows in the chunk. Task t is (image b_first + t // (G·B_c·n_parts), group
     # (t // (B_c·n_parts)) % G, block (t // n_parts) % B_c, part t % n_parts).
+    # A task takes its rows eight at a time where it can, their taps found in vectors for
+    # every kernel point first (_taps8), then samples in the same (row, k) order as the
+    # one-row path, so the sums are the same.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     c_per = x.shape[1] // n_off
     rows = gcols.shape[0]
     b_first = row0 // length
     one = x.dtype.type(1)
     zero = one - one
+    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
+    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    tabs = np.empty((n_k, _TAB_ROWS, LANES), dtype=x.dtype)  # eight rows' taps, every k
+    fh = x.dtype.type(height)
+    fw = x.dtype.type(width)
     chan = np.empty(block + 1, dtype=np.uint64)  # the task's runs (see _channel_runs)
     count = np.empty_like(chan)
     col0 = np.empty_like(chan)
@@ -490,77 +519,101 @@ def _col2im_tasks(
         gxp = gx[part]
         pix = b * height * width
         n_runs = _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col0, 0)
-        for r in range(r_lo, r_hi):
+        r = r_lo
+        while r < r_hi:
             p_l = (row0 + r) - b * length
-            for k in range(n_k):
-                y = base_y[k, p_l] + off[b, g, k, 0, p_l]
-                xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
-                if not (y >= -1 and y < height and xx >= -1 and xx < width):  # False for NaN
-                    if want_off:
-                        g_off[blk, b, g, k, 0, p_l] = zero
-                        g_off[blk, b, g, k, 1, p_l] = zero
-                        g_mask[blk, b, g, k, p_l] = zero
-                    continue
-                m = mask[b, g, k, p_l] if has_mask else one
-                ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners_fn(
-                    y, xx, height, width, one
-                )
-                hy = one - ly
-                hx = one - lx
-                w00 = hy * hx * v00 * m
-                w01 = hy * lx * v01 * m
-                w10 = ly * hx * v10 * m
-                w11 = ly * lx * v11 * m
-                i00 = np.uint64(pix + ry0 * width + rx0)
-                i01 = np.uint64(pix + ry0 * width + rx1)
-                i10 = np.uint64(pix + ry1 * width + rx0)
-                i11 = np.uint64(pix + ry1 * width + rx1)
-                # d_q = sum_c gc · x_q over this task's channels; then the offset and mask
-                # gradients follow from the four dot products.
-                d00 = d01 = d10 = d11 = zero
-                kc = np.uint64(k * c_pg)
-                for q in range(n_runs):  # runs of channels inside one weight group
-                    cnt = count[q]
-                    col = col0[q] + kc
-                    cu = chan[q]
-                    # Whole vectors: one pass reads each grad column once for the four dot
-                    # products and the four scatters.
-                    full = cnt // _LANES * _LANES
-                    if full > 0:
-                        e00, e01, e10, e11 = _fused_vectors(
-                            gcols, r, col, x, gxp, i00, i01, i10, i11, cu, full,
-                            w00, w01, w10, w11, want_gx, want_off,
-                        )  # fmt: skip
-                        d00 += e00
-                        d01 += e01
-                        d10 += e10
-                        d11 += e11
-                    col += full
-                    cu += full
-                    rest = cnt - full
-                    if want_off:
-                        e00, e01, e10, e11 = _dot4(gcols, r, col, x, i00, i01, i10, i11, cu, rest)
-                        d00 += e00
-                        d01 += e01
-                        d10 += e10
-                        d11 += e11
-                    if want_gx:
-                        _axpy(gcols, r, col, gxp, i00, cu, rest, w00)
-                        _axpy(gcols, r, col, gxp, i01, cu, rest, w01)
-                        _axpy(gcols, r, col, gxp, i10, cu, rest, w10)
-                        _axpy(gcols, r, col, gxp, i11, cu, rest, w11)
-                if not want_off:
-                    continue
-                d00 *= v00
-                d01 *= v01
-                d10 *= v10
-                d11 *= v11
-                acc_m = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-                acc_y = hx * (d10 - d00) + lx * (d11 - d01)
-                acc_x = hy * (d01 - d00) + ly * (d11 - d10)
-                g_off[blk, b, g, k, 0, p_l] = acc_y * m
-                g_off[blk, b, g, k, 1, p_l] = acc_x * m
-                g_mask[blk, b, g, k, p_l] = acc_m
+            eight = r + LANES <= r_hi  # (a task's rows lie in one image)
+            if eight:
+                for k in range(n_k):
+                    rm = (b * n_off + g) * n_k + k
+                    _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw,
+                           one, tabs[k])  # fmt: skip
+            for i in range(LANES if eight else 1):
+                for k in range(n_k):
+                    if eight:
+                        tab = tabs[k]
+                        inside = tab[_OK, i] != zero
+                        ly, lx, m = tab[_LY, i], tab[_LX, i], tab[_M, i]
+                        v00, v01, v10, v11 = tab[_V00, i], tab[_V01, i], tab[_V10, i], tab[_V11, i]
+                        i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
+                    else:
+                        y = base_y[k, p_l] + off[b, g, k, 0, p_l]
+                        xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
+                        inside = y >= -1 and y < height and xx >= -1 and xx < width  # not NaN
+                        ly = lx = m = v00 = v01 = v10 = v11 = zero
+                        i00 = i01 = i10 = i11 = np.uint64(pix)
+                        if inside:
+                            m = mask[b, g, k, p_l] if has_mask else one
+                            ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners_fn(
+                                y, xx, height, width, one
+                            )
+                            i00 = np.uint64(pix + ry0 * width + rx0)
+                            i01 = np.uint64(pix + ry0 * width + rx1)
+                            i10 = np.uint64(pix + ry1 * width + rx0)
+                            i11 = np.uint64(pix + ry1 * width + rx1)
+                    rr = r + i
+                    pl = p_l + i
+                    if not inside:
+                        if want_off:
+                            g_off[blk, b, g, k, 0, pl] = zero
+                            g_off[blk, b, g, k, 1, pl] = zero
+                            g_mask[blk, b, g, k, pl] = zero
+                        continue
+                    hy = one - ly
+                    hx = one - lx
+                    w00 = hy * hx * v00 * m
+                    w01 = hy * lx * v01 * m
+                    w10 = ly * hx * v10 * m
+                    w11 = ly * lx * v11 * m
+                    # d_q = sum_c gc · x_q over this task's channels; then the offset and
+                    # mask gradients follow from the four dot products.
+                    d00 = d01 = d10 = d11 = zero
+                    kc = np.uint64(k * c_pg)
+                    for q in range(n_runs):  # runs of channels inside one weight group
+                        cnt = count[q]
+                        col = col0[q] + kc
+                        cu = chan[q]
+                        # Whole vectors: one pass reads each grad column once for the four
+                        # dot products and the four scatters.
+                        full = cnt // _LANES * _LANES
+                        if full > 0:
+                            e00, e01, e10, e11 = _fused_vectors(
+                                gcols, rr, col, x, gxp, i00, i01, i10, i11, cu, full,
+                                w00, w01, w10, w11, want_gx, want_off,
+                            )  # fmt: skip
+                            d00 += e00
+                            d01 += e01
+                            d10 += e10
+                            d11 += e11
+                        col += full
+                        cu += full
+                        rest = cnt - full
+                        if want_off:
+                            e00, e01, e10, e11 = _dot4(
+                                gcols, rr, col, x, i00, i01, i10, i11, cu, rest
+                            )
+                            d00 += e00
+                            d01 += e01
+                            d10 += e10
+                            d11 += e11
+                        if want_gx:
+                            _axpy(gcols, rr, col, gxp, i00, cu, rest, w00)
+                            _axpy(gcols, rr, col, gxp, i01, cu, rest, w01)
+                            _axpy(gcols, rr, col, gxp, i10, cu, rest, w10)
+                            _axpy(gcols, rr, col, gxp, i11, cu, rest, w11)
+                    if not want_off:
+                        continue
+                    d00 *= v00
+                    d01 *= v01
+                    d10 *= v10
+                    d11 *= v11
+                    acc_m = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+                    acc_y = hx * (d10 - d00) + lx * (d11 - d01)
+                    acc_x = hy * (d01 - d00) + ly * (d11 - d10)
+                    g_off[blk, b, g, k, 0, pl] = acc_y * m
+                    g_off[blk, b, g, k, 1, pl] = acc_x * m
+                    g_mask[blk, b, g, k, pl] = acc_m
+            r += LANES if eight else 1
 
 
 @_jit

@@ -3,7 +3,8 @@
 Forward, per chunk of output pixels (rows):
 
 1. ``_im2col`` (parallel over rows): for every output pixel and kernel point the four
-   bilinear corners are found once per offset group, then blended (times the mask) over
+   bilinear corners are found once per offset group (for eight pixels at once in
+   vectors where eight follow each other in one image), then blended (times the mask) over
    the group's channels, read from a channels-last copy of the input (contiguous, so the
    channel loop vectorises) and written to a column buffer of shape
    (rows, groups, K_h·K_w, C_in/groups): one row per output pixel, each weight group's

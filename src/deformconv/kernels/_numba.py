@@ -690,8 +690,17 @@ def _forward_chunk_bytes(row_bytes: int) -> int:
 #: Measured forward + backward, 2 threads, against 64 MiB chunks that held enough images
 #: for two tasks: the detection layer (64 channels, 128×128) 61–62 → 47–60 ms at batch 2
 #: and 35–36 → 27–30 ms at batch 1; ResNet-50's res3 24–25 → 22–23 ms, res4 19–21 →
-#: 18–20 ms, res5 unchanged (batch 8). 4 and 8 MiB chunks slowed res4 to 23 ms.
-_BACKWARD_CHUNK_BYTES = 16 * 2**20
+#: 18–20 ms, res5 unchanged (batch 8). A chunk holds at least ``_BACKWARD_MIN_ROWS`` rows
+#: (so the weight gradient's product stays tall enough for oneDNN): with 8 MiB chunks
+#: alone res4 (two images a chunk) took 25 ms instead of 20. Against 16 MiB chunks, 8 MiB
+#: took the detection layer from 48 to 42 ms at batch 2, from 25 to 22-23 at batch 1.
+_BACKWARD_CHUNK_BYTES = 8 * 2**20
+_BACKWARD_MIN_ROWS = 1024
+
+
+def _backward_chunk_bytes(row_bytes: int) -> int:
+    """Workspace bytes per backward chunk (see ``_BACKWARD_CHUNK_BYTES``)."""
+    return min(WORKSPACE_BYTES, max(_BACKWARD_CHUNK_BYTES, _BACKWARD_MIN_ROWS * row_bytes))
 
 
 _cache = threading.local()
@@ -1036,7 +1045,7 @@ def backward(
     g_rows = _grad_rows(grad_output, p)
     c_per = p.c_in // p.n_off
     row_bytes = 2 * p.row_width * p.x.element_size()
-    cap = min(WORKSPACE_BYTES, _BACKWARD_CHUNK_BYTES)
+    cap = _backward_chunk_bytes(row_bytes)
     chunks = _chunks(p.n, p.length, row_bytes, cap)
     block = max(1, min(c_per, CHANNEL_BLOCK))
     n_blocks = max(1, -(-c_per // block))

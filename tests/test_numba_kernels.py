@@ -396,11 +396,11 @@ def test_weight_gradient_slices_match_a_float64_product(monkeypatch, accumulate)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("modulated", [False, True])
 def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
-    # im2col finds eight pixels' taps in vectors where eight pixels of one image follow
-    # each other in the rows it fills, else one pixel's at a time: both must give the same
-    # columns, bit for bit, on positions inside, on the border of and outside the map
-    # (NaN, ±inf, huge), with and without a mask. Rows filled one at a time take only the
-    # one-pixel path.
+    # Large calls' im2col finds eight pixels' taps in vectors where eight pixels of one
+    # image follow each other in the rows it fills, else (and in small calls) one pixel's
+    # at a time: both must give the same columns, bit for bit, on positions inside, on the
+    # border of and outside the map (NaN, ±inf, huge), with and without a mask. 63 pixels
+    # per image: each image ends inside a group of eight.
     cfg = Config(batch=2, in_channels=10, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
     x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
     g = torch.Generator().manual_seed(5)
@@ -414,10 +414,9 @@ def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
     rows = p.n * p.length
     common = p._common()
     vectors = torch.full((rows, p.row_width), float("nan"), dtype=dtype)
-    _numba._im2col_rows(*common, vectors.numpy(), 0, p.c_pg, 0, rows)
+    _numba._im2col_rows8(*common, vectors.numpy(), 0, p.c_pg, 0, rows)
     singles = torch.full((rows, p.row_width), float("nan"), dtype=dtype)
-    for r in range(rows):
-        _numba._im2col_rows(*common, singles.numpy(), 0, p.c_pg, r, r + 1)
+    _numba._im2col_rows(*common, singles.numpy(), 0, p.c_pg, 0, rows)
     assert not torch.isnan(singles).all(dim=1).any()  # every row was filled
     torch.testing.assert_close(vectors, singles, rtol=0, atol=0, equal_nan=True)
 
@@ -425,11 +424,11 @@ def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("modulated", [False, True])
 def test_col2im_eight_row_taps_equal_one_row_taps(dtype, modulated):
-    # col2im takes a task's rows eight at a time (taps found in vectors) where it can and
-    # one at a time elsewhere, in the same (row, kernel point) order: scattering a chunk
-    # at once and row by row must give the same input, offset and mask gradients, bit for
-    # bit, on positions inside, on the border of and outside the map. 70 channels: two
-    # channel blocks, the second with a scalar tail.
+    # Large calls' col2im takes a task's rows eight at a time (taps found in vectors)
+    # where it can and one at a time elsewhere, in the same (row, kernel point) order as
+    # small calls' one-row kernel: both must give the same input, offset and mask
+    # gradients, bit for bit, on positions inside, on the border of and outside the map.
+    # 70 channels: two channel blocks, the second with a scalar tail; 63 rows per image.
     cfg = Config(batch=2, in_channels=140, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
     x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
     g = torch.Generator().manual_seed(6)
@@ -444,20 +443,19 @@ def test_col2im_eight_row_taps_equal_one_row_taps(dtype, modulated):
     gcols = torch.randn(rows, p.row_width, generator=g).to(dtype)
     block, n_blocks = 64, 2  # of the 70 channels per offset group
 
-    def scatter(row_ranges):
+    def scatter(kernel):
         gx = torch.zeros(1, *p.x2.shape, dtype=dtype)
         g_off = torch.full((n_blocks, *p.off.shape), float("nan"), dtype=dtype)
         g_mask = torch.full((n_blocks, p.n, p.n_off, p.k, p.length), float("nan"), dtype=dtype)
-        for r0, r1 in row_ranges:
-            n_tasks = p.images(r0, r1 - r0) * p.n_off * n_blocks
-            _numba._col2im_tasks(
-                *p._common(), gcols[r0:r1].numpy(), r0, p.c_pg, gx.numpy(), g_off.numpy(),
-                g_mask.numpy(), block, n_blocks, 1, True, True, 0, n_tasks,
-            )  # fmt: skip
+        n_tasks = p.n * p.n_off * n_blocks
+        kernel(
+            *p._common(), gcols.numpy(), 0, p.c_pg, gx.numpy(), g_off.numpy(),
+            g_mask.numpy(), block, n_blocks, 1, True, True, 0, n_tasks,
+        )  # fmt: skip
         return gx, g_off, g_mask
 
-    at_once = scatter([(0, rows)])
-    one_by_one = scatter([(r, r + 1) for r in range(rows)])
+    at_once = scatter(_numba._col2im_tasks8)
+    one_by_one = scatter(_numba._col2im_tasks)
     assert not torch.isnan(one_by_one[1]).any()  # every sample was written
     for a, b in zip(at_once, one_by_one, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -267,6 +267,24 @@ def _blend(
             )  # fmt: skip
 
 
+@numba.njit(inline="always")
+def _group_channel_runs(c_in, n_off, c_pg, n_k):  # pragma: no cover
+    """Every offset group's channel runs (see :func:`_channel_runs`).
+
+    Group g's runs are ``first[g] .. first[g + 1]`` of the returned arrays.
+    """
+    c_per = c_in // n_off
+    first = np.zeros(n_off + 1, dtype=np.int64)
+    chan = np.empty(c_in + n_off, dtype=np.uint64)
+    count = np.empty_like(chan)
+    col0 = np.empty_like(chan)
+    for g in range(n_off):
+        first[g + 1] = _channel_runs(
+            g * c_per, (g + 1) * c_per, c_pg, n_k, chan, count, col0, first[g]
+        )
+    return first, chan, count, col0
+
+
 @_serial_jit
 def _im2col_rows(
     x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
@@ -275,48 +293,17 @@ def _im2col_rows(
     # mask: (N, G, K, L) or a dummy. base_y, base_x: (K, L) sampling grid without offsets.
     # cols: (R, groups·K·C_pg) for the global rows row0 .. row0 + R (row = n·L + l); channel
     # c of kernel point k goes to column (c // C_pg)·K·C_pg + k·C_pg + c % C_pg. Fills the
-    # local rows r_lo .. r_hi: eight pixels of one image at a time where they are (their
-    # taps found in vectors, _taps8), the rest one by one.
+    # local rows r_lo .. r_hi, one pixel at a time (small calls, and what _im2col_rows8
+    # leaves: kept apart so that a first small call compiles no vector path).
     # Inner-loop indices are unsigned (all are >= 0): Numba then skips its negative-index
     # wraparound and LLVM vectorises the channel loop.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
-    c_per = x.shape[1] // n_off
-    # offset group g's runs: first[g] .. first[g + 1] (see _channel_runs)
-    first = np.zeros(n_off + 1, dtype=np.int64)
-    chan = np.empty(x.shape[1] + n_off, dtype=np.uint64)
-    count = np.empty_like(chan)
-    col0 = np.empty_like(chan)
-    for g in range(n_off):
-        first[g + 1] = _channel_runs(
-            g * c_per, (g + 1) * c_per, c_pg, n_k, chan, count, col0, first[g]
-        )
+    first, chan, count, col0 = _group_channel_runs(x.shape[1], n_off, c_pg, n_k)
     one = x.dtype.type(1)
-    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
-    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
-    tab = np.empty((_TAB_ROWS, LANES), dtype=x.dtype)
-    fh = x.dtype.type(height)
-    fw = x.dtype.type(width)
-    r = r_lo
-    while r < r_hi:
+    for r in range(r_lo, r_hi):
         b = (row0 + r) // length
         p_l = (row0 + r) - b * length
         pix = b * height * width
-        if r + LANES <= r_hi and p_l + LANES <= length:
-            for k in range(n_k):
-                kc = np.uint64(k * c_pg)
-                for g in range(n_off):
-                    rm = (b * n_off + g) * n_k + k
-                    _taps8(
-                        base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab
-                    )
-                    for i in range(LANES):
-                        i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
-                        _blend(
-                            x, cols, r + i, kc, i00, i01, i10, i11, tab[_W00, i], tab[_W01, i],
-                            tab[_W10, i], tab[_W11, i], first[g], first[g + 1], chan, count, col0,
-                        )  # fmt: skip
-            r += LANES
-            continue
         for k in range(n_k):
             kc = np.uint64(k * c_pg)
             for g in range(n_off):
@@ -344,7 +331,47 @@ def _im2col_rows(
                     x, cols, r, kc, i00, i01, i10, i11, w00, w01, w10, w11,
                     first[g], first[g + 1], chan, count, col0,
                 )  # fmt: skip
-        r += 1
+
+
+@_serial_jit
+def _im2col_rows8(
+    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
+):  # pragma: no cover
+    # _im2col_rows for large calls: eight pixels of one image at a time where they follow
+    # each other in the rows (their taps found in vectors, _taps8: bitwise the one-pixel
+    # path's columns), the other rows by _im2col_rows.
+    n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
+    first, chan, count, col0 = _group_channel_runs(x.shape[1], n_off, c_pg, n_k)
+    one = x.dtype.type(1)
+    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
+    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    tab = np.empty((_TAB_ROWS, LANES), dtype=x.dtype)
+    fh = x.dtype.type(height)
+    fw = x.dtype.type(width)
+    r = r_lo
+    while r < r_hi:
+        b = (row0 + r) // length
+        p_l = (row0 + r) - b * length
+        if r + LANES > r_hi or p_l + LANES > length:  # the image's or the range's last rows
+            end = min(r_hi, r + length - p_l)
+            _im2col_rows(
+                x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r, end
+            )  # fmt: skip
+            r = end
+            continue
+        pix = b * height * width
+        for k in range(n_k):
+            kc = np.uint64(k * c_pg)
+            for g in range(n_off):
+                rm = (b * n_off + g) * n_k + k
+                _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab)
+                for i in range(LANES):
+                    i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
+                    _blend(
+                        x, cols, r + i, kc, i00, i01, i10, i11, tab[_W00, i], tab[_W01, i],
+                        tab[_W10, i], tab[_W11, i], first[g], first[g + 1], chan, count, col0,
+                    )  # fmt: skip
+        r += LANES
 
 
 @_jit
@@ -356,7 +383,7 @@ def _im2col(
     n = cols.shape[0]
     for part in numba.prange(parts):
         p = np.int64(part)  # prange's index is unsigned in the parallel build
-        _im2col_rows(
+        _im2col_rows8(
             x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg,
             n * p // parts, n * (p + 1) // parts,
         )  # fmt: skip
@@ -451,170 +478,189 @@ def _fused_vectors(
     return vsum4(a00, a01, a10, a11)
 
 
-@_serial_jit
-def _col2im_tasks(
-    x,
-    height,
-    width,
-    off,
-    mask,
-    has_mask,
-    base_y,
-    base_x,
-    gcols,
-    row0,
-    c_pg,
-    gx,
-    g_off,
-    g_mask,
-    block,
-    n_blocks,
-    n_parts,
-    want_gx,
-    want_off,
-    t_lo,
-    t_hi,
-):  # pragma: no cover
-    # Runs tasks t_lo .. t_hi of the chunk (a task: see below).
-    # x: (N·H·W, C_in) channels-last input. gx: (n_parts, N·H·W, C_in) channels-last
-    # grad_input partials (accumulated into; summed by the caller).
-    # want_gx / want_off False: skip the input gradient / the offset and mask gradients
-    # (gx / g_off and g_mask are then dummies, never written).
-    # gcols: (R, groups·K·C_pg) grad columns of the global rows row0 .. row0 + R (layout of
-    # _im2col). g_off: (B_c, N, G, K, 2, L) and g_mask: (B_c, N, G, K, L): one partial per
-    # channel block of ``block`` channels (B_c = ceil(C_per / block)), written for every row
-    # of the chunk.
-    # Task (image, offset group, channel block, part) owns gx[part, image's pixels,
-    # block's channels] and g_off[block, image, group, part's rows]: no two tasks write
-    # the same element. Part q of n_parts takes the q-th of n_parts equal runs of the
-    # image's rows in the chunk. Task t is (image b_first + t // (G·B_c·n_parts), group
-    # (t // (B_c·n_parts)) % G, block (t // n_parts) % B_c, part t % n_parts).
-    # A task takes its rows eight at a time where it can, their taps found in vectors for
-    # every kernel point first (_taps8), then samples in the same (row, k) order as the
-    # one-row path, so the sums are the same.
-    n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
-    c_per = x.shape[1] // n_off
-    rows = gcols.shape[0]
-    b_first = row0 // length
-    one = x.dtype.type(1)
-    zero = one - one
-    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
-    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
-    tabs = np.empty((n_k, _TAB_ROWS, LANES), dtype=x.dtype)  # eight rows' taps, every k
-    fh = x.dtype.type(height)
-    fw = x.dtype.type(width)
-    chan = np.empty(block + 1, dtype=np.uint64)  # the task's runs (see _channel_runs)
-    count = np.empty_like(chan)
-    col0 = np.empty_like(chan)
-    for t in range(t_lo, t_hi):
-        part = t % n_parts
-        b = b_first + t // (n_off * n_blocks * n_parts)
-        g = (t // (n_blocks * n_parts)) % n_off
-        blk = (t // n_parts) % n_blocks
-        c_lo = g * c_per + blk * block
-        c_hi = min(c_lo + block, (g + 1) * c_per)
-        i_lo = max(row0, b * length) - row0  # the image's rows in the chunk
-        i_hi = min(row0 + rows, (b + 1) * length) - row0
-        r_lo = i_lo + (i_hi - i_lo) * part // n_parts
-        r_hi = i_lo + (i_hi - i_lo) * (part + 1) // n_parts
-        gxp = gx[part]
-        pix = b * height * width
-        n_runs = _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col0, 0)
-        r = r_lo
-        while r < r_hi:
-            p_l = (row0 + r) - b * length
-            eight = r + LANES <= r_hi  # (a task's rows lie in one image)
-            if eight:
-                for k in range(n_k):
-                    rm = (b * n_off + g) * n_k + k
-                    _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw,
-                           one, tabs[k])  # fmt: skip
-            for i in range(LANES if eight else 1):
-                for k in range(n_k):
+def _make_col2im_tasks(rows8: bool) -> Any:
+    """The serial col2im body; ``rows8``: take rows eight at a time (large calls).
+
+    One source, two kernels cached apart (Numba keys a closure by its constants): the
+    one-row kernel, where ``rows8`` False prunes the vector path, is what small calls
+    compile, so a first small call compiles no vector code.
+    """
+
+    def _col2im_tasks(
+        x,
+        height,
+        width,
+        off,
+        mask,
+        has_mask,
+        base_y,
+        base_x,
+        gcols,
+        row0,
+        c_pg,
+        gx,
+        g_off,
+        g_mask,
+        block,
+        n_blocks,
+        n_parts,
+        want_gx,
+        want_off,
+        t_lo,
+        t_hi,
+    ):  # pragma: no cover
+        # Runs tasks t_lo .. t_hi of the chunk (a task: see below).
+        # x: (N·H·W, C_in) channels-last input. gx: (n_parts, N·H·W, C_in) channels-last
+        # grad_input partials (accumulated into; summed by the caller).
+        # want_gx / want_off False: skip the input gradient / the offset and mask gradients
+        # (gx / g_off and g_mask are then dummies, never written).
+        # gcols: (R, groups·K·C_pg) grad columns of the global rows row0 .. row0 + R (layout of
+        # _im2col). g_off: (B_c, N, G, K, 2, L) and g_mask: (B_c, N, G, K, L): one partial per
+        # channel block of ``block`` channels (B_c = ceil(C_per / block)), written for every row
+        # of the chunk.
+        # Task (image, offset group, channel block, part) owns gx[part, image's pixels,
+        # block's channels] and g_off[block, image, group, part's rows]: no two tasks write
+        # the same element. Part q of n_parts takes the q-th of n_parts equal runs of the
+        # image's rows in the chunk. Task t is (image b_first + t // (G·B_c·n_parts), group
+        # (t // (B_c·n_parts)) % G, block (t // n_parts) % B_c, part t % n_parts).
+        # A task takes its rows eight at a time where it can, their taps found in vectors for
+        # every kernel point first (_taps8), then samples in the same (row, k) order as the
+        # one-row path, so the sums are the same.
+        n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
+        c_per = x.shape[1] // n_off
+        rows = gcols.shape[0]
+        b_first = row0 // length
+        one = x.dtype.type(1)
+        zero = one - one
+        off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
+        mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+        tabs = np.empty((n_k, _TAB_ROWS, LANES), dtype=x.dtype)  # eight rows' taps, every k
+        fh = x.dtype.type(height)
+        fw = x.dtype.type(width)
+        chan = np.empty(block + 1, dtype=np.uint64)  # the task's runs (see _channel_runs)
+        count = np.empty_like(chan)
+        col0 = np.empty_like(chan)
+        for t in range(t_lo, t_hi):
+            part = t % n_parts
+            b = b_first + t // (n_off * n_blocks * n_parts)
+            g = (t // (n_blocks * n_parts)) % n_off
+            blk = (t // n_parts) % n_blocks
+            c_lo = g * c_per + blk * block
+            c_hi = min(c_lo + block, (g + 1) * c_per)
+            i_lo = max(row0, b * length) - row0  # the image's rows in the chunk
+            i_hi = min(row0 + rows, (b + 1) * length) - row0
+            r_lo = i_lo + (i_hi - i_lo) * part // n_parts
+            r_hi = i_lo + (i_hi - i_lo) * (part + 1) // n_parts
+            gxp = gx[part]
+            pix = b * height * width
+            n_runs = _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col0, 0)
+            r = r_lo
+            while r < r_hi:
+                p_l = (row0 + r) - b * length
+                # (rows8 is a constant: False prunes every vector part at compile time)
+                eight = False
+                if rows8:
+                    eight = r + LANES <= r_hi  # (a task's rows lie in one image)
                     if eight:
-                        tab = tabs[k]
-                        inside = tab[_OK, i] != zero
-                        ly, lx, m = tab[_LY, i], tab[_LX, i], tab[_M, i]
-                        v00, v01, v10, v11 = tab[_V00, i], tab[_V01, i], tab[_V10, i], tab[_V11, i]
-                        i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
-                    else:
-                        y = base_y[k, p_l] + off[b, g, k, 0, p_l]
-                        xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
-                        inside = y >= -1 and y < height and xx >= -1 and xx < width  # not NaN
+                        for k in range(n_k):
+                            rm = (b * n_off + g) * n_k + k
+                            _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l,
+                                   fh, fw, one, tabs[k])  # fmt: skip
+                for i in range(LANES if eight else 1):
+                    for k in range(n_k):
+                        inside = False
                         ly = lx = m = v00 = v01 = v10 = v11 = zero
                         i00 = i01 = i10 = i11 = np.uint64(pix)
-                        if inside:
-                            m = mask[b, g, k, p_l] if has_mask else one
-                            ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners_fn(
-                                y, xx, height, width, one
-                            )
-                            i00 = np.uint64(pix + ry0 * width + rx0)
-                            i01 = np.uint64(pix + ry0 * width + rx1)
-                            i10 = np.uint64(pix + ry1 * width + rx0)
-                            i11 = np.uint64(pix + ry1 * width + rx1)
-                    rr = r + i
-                    pl = p_l + i
-                    if not inside:
-                        if want_off:
-                            g_off[blk, b, g, k, 0, pl] = zero
-                            g_off[blk, b, g, k, 1, pl] = zero
-                            g_mask[blk, b, g, k, pl] = zero
-                        continue
-                    hy = one - ly
-                    hx = one - lx
-                    w00 = hy * hx * v00 * m
-                    w01 = hy * lx * v01 * m
-                    w10 = ly * hx * v10 * m
-                    w11 = ly * lx * v11 * m
-                    # d_q = sum_c gc · x_q over this task's channels; then the offset and
-                    # mask gradients follow from the four dot products.
-                    d00 = d01 = d10 = d11 = zero
-                    kc = np.uint64(k * c_pg)
-                    for q in range(n_runs):  # runs of channels inside one weight group
-                        cnt = count[q]
-                        col = col0[q] + kc
-                        cu = chan[q]
-                        # Whole vectors: one pass reads each grad column once for the four
-                        # dot products and the four scatters.
-                        full = cnt // _LANES * _LANES
-                        if full > 0:
-                            e00, e01, e10, e11 = _fused_vectors(
-                                gcols, rr, col, x, gxp, i00, i01, i10, i11, cu, full,
-                                w00, w01, w10, w11, want_gx, want_off,
-                            )  # fmt: skip
-                            d00 += e00
-                            d01 += e01
-                            d10 += e10
-                            d11 += e11
-                        col += full
-                        cu += full
-                        rest = cnt - full
-                        if want_off:
-                            e00, e01, e10, e11 = _dot4(
-                                gcols, rr, col, x, i00, i01, i10, i11, cu, rest
-                            )
-                            d00 += e00
-                            d01 += e01
-                            d10 += e10
-                            d11 += e11
-                        if want_gx:
-                            _axpy(gcols, rr, col, gxp, i00, cu, rest, w00)
-                            _axpy(gcols, rr, col, gxp, i01, cu, rest, w01)
-                            _axpy(gcols, rr, col, gxp, i10, cu, rest, w10)
-                            _axpy(gcols, rr, col, gxp, i11, cu, rest, w11)
-                    if not want_off:
-                        continue
-                    d00 *= v00
-                    d01 *= v01
-                    d10 *= v10
-                    d11 *= v11
-                    acc_m = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-                    acc_y = hx * (d10 - d00) + lx * (d11 - d01)
-                    acc_x = hy * (d01 - d00) + ly * (d11 - d10)
-                    g_off[blk, b, g, k, 0, pl] = acc_y * m
-                    g_off[blk, b, g, k, 1, pl] = acc_x * m
-                    g_mask[blk, b, g, k, pl] = acc_m
-            r += LANES if eight else 1
+                        if rows8:
+                            if eight:
+                                tab = tabs[k]
+                                inside = tab[_OK, i] != zero
+                                ly, lx, m = tab[_LY, i], tab[_LX, i], tab[_M, i]
+                                v00, v01 = tab[_V00, i], tab[_V01, i]
+                                v10, v11 = tab[_V10, i], tab[_V11, i]
+                                i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
+                        if not eight:
+                            y = base_y[k, p_l] + off[b, g, k, 0, p_l]
+                            xx = base_x[k, p_l] + off[b, g, k, 1, p_l]
+                            inside = y >= -1 and y < height and xx >= -1 and xx < width  # ¬NaN
+                            if inside:
+                                m = mask[b, g, k, p_l] if has_mask else one
+                                ry0, ry1, rx0, rx1, ly, lx, v00, v01, v10, v11 = _corners_fn(
+                                    y, xx, height, width, one
+                                )
+                                i00 = np.uint64(pix + ry0 * width + rx0)
+                                i01 = np.uint64(pix + ry0 * width + rx1)
+                                i10 = np.uint64(pix + ry1 * width + rx0)
+                                i11 = np.uint64(pix + ry1 * width + rx1)
+                        rr = r + i
+                        pl = p_l + i
+                        if not inside:
+                            if want_off:
+                                g_off[blk, b, g, k, 0, pl] = zero
+                                g_off[blk, b, g, k, 1, pl] = zero
+                                g_mask[blk, b, g, k, pl] = zero
+                            continue
+                        hy = one - ly
+                        hx = one - lx
+                        w00 = hy * hx * v00 * m
+                        w01 = hy * lx * v01 * m
+                        w10 = ly * hx * v10 * m
+                        w11 = ly * lx * v11 * m
+                        # d_q = sum_c gc · x_q over this task's channels; then the offset and
+                        # mask gradients follow from the four dot products.
+                        d00 = d01 = d10 = d11 = zero
+                        kc = np.uint64(k * c_pg)
+                        for q in range(n_runs):  # runs of channels inside one weight group
+                            cnt = count[q]
+                            col = col0[q] + kc
+                            cu = chan[q]
+                            # Whole vectors: one pass reads each grad column once for the four
+                            # dot products and the four scatters.
+                            full = cnt // _LANES * _LANES
+                            if full > 0:
+                                e00, e01, e10, e11 = _fused_vectors(
+                                    gcols, rr, col, x, gxp, i00, i01, i10, i11, cu, full,
+                                    w00, w01, w10, w11, want_gx, want_off,
+                                )  # fmt: skip
+                                d00 += e00
+                                d01 += e01
+                                d10 += e10
+                                d11 += e11
+                            col += full
+                            cu += full
+                            rest = cnt - full
+                            if want_off:
+                                e00, e01, e10, e11 = _dot4(
+                                    gcols, rr, col, x, i00, i01, i10, i11, cu, rest
+                                )
+                                d00 += e00
+                                d01 += e01
+                                d10 += e10
+                                d11 += e11
+                            if want_gx:
+                                _axpy(gcols, rr, col, gxp, i00, cu, rest, w00)
+                                _axpy(gcols, rr, col, gxp, i01, cu, rest, w01)
+                                _axpy(gcols, rr, col, gxp, i10, cu, rest, w10)
+                                _axpy(gcols, rr, col, gxp, i11, cu, rest, w11)
+                        if not want_off:
+                            continue
+                        d00 *= v00
+                        d01 *= v01
+                        d10 *= v10
+                        d11 *= v11
+                        acc_m = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
+                        acc_y = hx * (d10 - d00) + lx * (d11 - d01)
+                        acc_x = hy * (d01 - d00) + ly * (d11 - d10)
+                        g_off[blk, b, g, k, 0, pl] = acc_y * m
+                        g_off[blk, b, g, k, 1, pl] = acc_x * m
+                        g_mask[blk, b, g, k, pl] = acc_m
+                r += LANES if eight else 1
+
+    return _serial_jit(_col2im_tasks)
+
+
+_col2im_tasks = _make_col2im_tasks(False)
+_col2im_tasks8 = _make_col2im_tasks(True)
 
 
 @_jit
@@ -643,7 +689,7 @@ def _col2im(
 ):  # pragma: no cover
     for part in numba.prange(parts):
         p = np.int64(part)  # prange's index is unsigned in the parallel build
-        _col2im_tasks(
+        _col2im_tasks8(
             x, height, width, off, mask, has_mask, base_y, base_x, gcols, row0, c_pg, gx,
             g_off, g_mask, block, n_blocks, n_parts, want_gx, want_off, n_tasks * p // parts,
             n_tasks * (p + 1) // parts,
@@ -891,7 +937,8 @@ class _Problem:
         if _parallel(cols.numel()):
             _numba_threads.launch(_im2col, *args, numba.get_num_threads())
         else:
-            _im2col_rows(*args, 0, cols.shape[0])
+            small = cols.numel() < PARALLEL_MIN_COLUMNS  # one pixel at a time: less to compile
+            (_im2col_rows if small else _im2col_rows8)(*args, 0, cols.shape[0])
 
     def col2im(
         self,
@@ -927,7 +974,8 @@ class _Problem:
         if _parallel(gcols.numel()):
             _numba_threads.launch(_col2im, *args, n_tasks, numba.get_num_threads())
         else:
-            _col2im_tasks(*args, 0, n_tasks)
+            small = gcols.numel() < PARALLEL_MIN_COLUMNS  # one row at a time: less to compile
+            (_col2im_tasks if small else _col2im_tasks8)(*args, 0, n_tasks)
 
     def images(self, r0: int, rows: int) -> int:
         """How many images the global rows r0 .. r0 + rows (rows > 0) touch."""

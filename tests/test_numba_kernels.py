@@ -413,10 +413,11 @@ def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
     p = _numba._Problem(x, offset, mask if modulated else None, weight, *geo)
     rows = p.n * p.length
     common = p._common()
+    runs = _numba._runs_table(p.c_in, p.n_off, p.c_pg, p.k, p.c_in // p.n_off, 1)
     vectors = torch.full((rows, p.row_width), float("nan"), dtype=dtype)
-    _numba._im2col_rows8(*common, vectors.numpy(), 0, p.c_pg, 0, rows)
+    _numba._im2col_rows8(*common, vectors.numpy(), 0, p.c_pg, *runs, 0, rows)
     singles = torch.full((rows, p.row_width), float("nan"), dtype=dtype)
-    _numba._im2col_rows(*common, singles.numpy(), 0, p.c_pg, 0, rows)
+    _numba._im2col_rows(*common, singles.numpy(), 0, p.c_pg, *runs, 0, rows)
     assert not torch.isnan(singles).all(dim=1).any()  # every row was filled
     torch.testing.assert_close(vectors, singles, rtol=0, atol=0, equal_nan=True)
 
@@ -448,9 +449,10 @@ def test_col2im_eight_row_taps_equal_one_row_taps(dtype, modulated):
         g_off = torch.full((n_blocks, *p.off.shape), float("nan"), dtype=dtype)
         g_mask = torch.full((n_blocks, p.n, p.n_off, p.k, p.length), float("nan"), dtype=dtype)
         n_tasks = p.n * p.n_off * n_blocks
+        runs = _numba._runs_table(p.c_in, p.n_off, p.c_pg, p.k, block, n_blocks)
         kernel(
             *p._common(), gcols.numpy(), 0, p.c_pg, gx.numpy(), g_off.numpy(),
-            g_mask.numpy(), block, n_blocks, 1, True, True, 0, n_tasks,
+            g_mask.numpy(), block, n_blocks, 1, *runs, True, True, 0, n_tasks,
         )  # fmt: skip
         return gx, g_off, g_mask
 

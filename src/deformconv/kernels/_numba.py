@@ -156,26 +156,6 @@ def _corners(y, x, height, width, one):  # pragma: no cover
 _corners_fn = numba.njit(**_options)(_corners.py_func)
 
 
-@numba.njit(inline="always")
-def _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col, q):  # pragma: no cover
-    """Write the runs of channels ``c_lo .. c_hi`` that lie inside one weight group.
-
-    Run q (from the given ``q`` on) is channels ``chan[q] .. chan[q] + count[q]``, whose
-    columns start at ``col[q] + k·C_pg`` for kernel point k. Returns the next free q. The
-    kernels find the runs once per call or task, not by a division per sample.
-    """
-    c = c_lo
-    while c < c_hi:
-        wg = c // c_pg
-        cnt = min(c_hi, (wg + 1) * c_pg) - c
-        chan[q] = c
-        count[q] = cnt
-        col[q] = c + wg * (n_k - 1) * c_pg
-        q += 1
-        c += cnt
-    return q
-
-
 # Rows of the eight-pixel tap table of _taps8: clamped corner rows and columns (exact small
 # integers), the four modulated weights, the fractional parts, the corners' 0/1 validity,
 # the mask (0 outside the map) and 1 / 0 for inside / outside the map.
@@ -253,13 +233,13 @@ def _tab_corners(tab, i, pix, width):  # pragma: no cover
 
 @numba.njit(inline="always")
 def _blend(
-    x, cols, r, kc, i00, i01, i10, i11, w00, w01, w10, w11, lo, hi, chan, count, col0
+    x, cols, r, kc, i00, i01, i10, i11, w00, w01, w10, w11, lo, hi, runs
 ):  # pragma: no cover
     """``cols[r, run's columns] = Σ_q w_q · x[i_q, run's channels]`` for runs lo .. hi."""
-    for q in range(lo, hi):  # runs inside one weight group
-        cnt = count[q]
-        col = col0[q] + kc
-        cu = chan[q]
+    for q in range(lo, hi):  # runs inside one weight group (see _runs_table)
+        cu = runs[0, q]
+        cnt = runs[1, q]
+        col = runs[2, q] + kc
         for j in range(cnt):
             cols[r, col + j] = (
                 w00 * x[i00, cu + j] + w01 * x[i01, cu + j]
@@ -267,38 +247,34 @@ def _blend(
             )  # fmt: skip
 
 
-@numba.njit(inline="always")
-def _group_channel_runs(c_in, n_off, c_pg, n_k):  # pragma: no cover
-    """Every offset group's channel runs (see :func:`_channel_runs`).
-
-    Group g's runs are ``first[g] .. first[g + 1]`` of the returned arrays.
-    """
-    c_per = c_in // n_off
-    first = np.zeros(n_off + 1, dtype=np.int64)
-    chan = np.empty(c_in + n_off, dtype=np.uint64)
-    count = np.empty_like(chan)
-    col0 = np.empty_like(chan)
-    for g in range(n_off):
-        first[g + 1] = _channel_runs(
-            g * c_per, (g + 1) * c_per, c_pg, n_k, chan, count, col0, first[g]
-        )
-    return first, chan, count, col0
-
-
 @_serial_jit
 def _im2col_rows(
-    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
+    x,
+    height,
+    width,
+    off,
+    mask,
+    has_mask,
+    base_y,
+    base_x,
+    cols,
+    row0,
+    c_pg,
+    first,
+    runs,
+    r_lo,
+    r_hi,
 ):  # pragma: no cover
     # x: (N·H·W, C_in), the channels-last input with pixels flattened. off: (N, G, K, 2, L).
     # mask: (N, G, K, L) or a dummy. base_y, base_x: (K, L) sampling grid without offsets.
     # cols: (R, groups·K·C_pg) for the global rows row0 .. row0 + R (row = n·L + l); channel
     # c of kernel point k goes to column (c // C_pg)·K·C_pg + k·C_pg + c % C_pg. Fills the
     # local rows r_lo .. r_hi, one pixel at a time (small calls, and what _im2col_rows8
-    # leaves: kept apart so that a first small call compiles no vector path).
+    # leaves: kept apart so that a first small call compiles no vector path). Offset
+    # group g's channel runs: first[g] .. first[g + 1] of runs (_runs_table).
     # Inner-loop indices are unsigned (all are >= 0): Numba then skips its negative-index
     # wraparound and LLVM vectorises the channel loop.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
-    first, chan, count, col0 = _group_channel_runs(x.shape[1], n_off, c_pg, n_k)
     one = x.dtype.type(1)
     for r in range(r_lo, r_hi):
         b = (row0 + r) // length
@@ -329,19 +305,32 @@ def _im2col_rows(
                 # Outside the map every weight is 0 (the row reads 0; the indices are valid).
                 _blend(
                     x, cols, r, kc, i00, i01, i10, i11, w00, w01, w10, w11,
-                    first[g], first[g + 1], chan, count, col0,
+                    first[g], first[g + 1], runs,
                 )  # fmt: skip
 
 
 @_serial_jit
 def _im2col_rows8(
-    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r_lo, r_hi
+    x,
+    height,
+    width,
+    off,
+    mask,
+    has_mask,
+    base_y,
+    base_x,
+    cols,
+    row0,
+    c_pg,
+    first,
+    runs,
+    r_lo,
+    r_hi,
 ):  # pragma: no cover
     # _im2col_rows for large calls: eight pixels of one image at a time where they follow
     # each other in the rows (their taps found in vectors, _taps8: bitwise the one-pixel
     # path's columns), the other rows by _im2col_rows.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
-    first, chan, count, col0 = _group_channel_runs(x.shape[1], n_off, c_pg, n_k)
     one = x.dtype.type(1)
     off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
     mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
@@ -355,7 +344,8 @@ def _im2col_rows8(
         if r + LANES > r_hi or p_l + LANES > length:  # the image's or the range's last rows
             end = min(r_hi, r + length - p_l)
             _im2col_rows(
-                x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, r, end
+                x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg,
+                first, runs, r, end,
             )  # fmt: skip
             r = end
             continue
@@ -369,14 +359,14 @@ def _im2col_rows8(
                     i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
                     _blend(
                         x, cols, r + i, kc, i00, i01, i10, i11, tab[_W00, i], tab[_W01, i],
-                        tab[_W10, i], tab[_W11, i], first[g], first[g + 1], chan, count, col0,
+                        tab[_W10, i], tab[_W11, i], first[g], first[g + 1], runs,
                     )  # fmt: skip
         r += LANES
 
 
 @_jit
 def _im2col(
-    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, parts
+    x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, first, runs, parts
 ):  # pragma: no cover
     # parts: the thread count (an argument: a call to numba.get_num_threads() in the
     # kernel would keep Numba from caching it).
@@ -384,7 +374,7 @@ def _im2col(
     for part in numba.prange(parts):
         p = np.int64(part)  # prange's index is unsigned in the parallel build
         _im2col_rows8(
-            x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg,
+            x, height, width, off, mask, has_mask, base_y, base_x, cols, row0, c_pg, first, runs,
             n * p // parts, n * (p + 1) // parts,
         )  # fmt: skip
 
@@ -504,6 +494,8 @@ def _make_col2im_tasks(rows8: bool) -> Any:
         block,
         n_blocks,
         n_parts,
+        first,
+        runs,
         want_gx,
         want_off,
         t_lo,
@@ -527,33 +519,29 @@ def _make_col2im_tasks(rows8: bool) -> Any:
         # every kernel point first (_taps8), then samples in the same (row, k) order as the
         # one-row path, so the sums are the same.
         n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
-        c_per = x.shape[1] // n_off
         rows = gcols.shape[0]
         b_first = row0 // length
         one = x.dtype.type(1)
         zero = one - one
-        off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
-        mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
-        tabs = np.empty((n_k, _TAB_ROWS, LANES), dtype=x.dtype)  # eight rows' taps, every k
-        fh = x.dtype.type(height)
-        fw = x.dtype.type(width)
-        chan = np.empty(block + 1, dtype=np.uint64)  # the task's runs (see _channel_runs)
-        count = np.empty_like(chan)
-        col0 = np.empty_like(chan)
+        if rows8:
+            off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
+            mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+            tabs = np.empty((n_k, _TAB_ROWS, LANES), dtype=x.dtype)  # eight rows' taps, all k
+            fh = x.dtype.type(height)
+            fw = x.dtype.type(width)
         for t in range(t_lo, t_hi):
             part = t % n_parts
             b = b_first + t // (n_off * n_blocks * n_parts)
             g = (t // (n_blocks * n_parts)) % n_off
             blk = (t // n_parts) % n_blocks
-            c_lo = g * c_per + blk * block
-            c_hi = min(c_lo + block, (g + 1) * c_per)
             i_lo = max(row0, b * length) - row0  # the image's rows in the chunk
             i_hi = min(row0 + rows, (b + 1) * length) - row0
             r_lo = i_lo + (i_hi - i_lo) * part // n_parts
             r_hi = i_lo + (i_hi - i_lo) * (part + 1) // n_parts
             gxp = gx[part]
             pix = b * height * width
-            n_runs = _channel_runs(c_lo, c_hi, c_pg, n_k, chan, count, col0, 0)
+            q_lo = first[g * n_blocks + blk]  # the task's channel runs (_runs_table)
+            q_hi = first[g * n_blocks + blk + 1]
             r = r_lo
             while r < r_hi:
                 p_l = (row0 + r) - b * length
@@ -610,10 +598,10 @@ def _make_col2im_tasks(rows8: bool) -> Any:
                         # mask gradients follow from the four dot products.
                         d00 = d01 = d10 = d11 = zero
                         kc = np.uint64(k * c_pg)
-                        for q in range(n_runs):  # runs of channels inside one weight group
-                            cnt = count[q]
-                            col = col0[q] + kc
-                            cu = chan[q]
+                        for q in range(q_lo, q_hi):  # runs inside one weight group
+                            cu = runs[0, q]
+                            cnt = runs[1, q]
+                            col = runs[2, q] + kc
                             # Whole vectors: one pass reads each grad column once for the four
                             # dot products and the four scatters.
                             full = cnt // _LANES * _LANES
@@ -682,6 +670,8 @@ def _col2im(
     block,
     n_blocks,
     n_parts,
+    first,
+    runs,
     want_gx,
     want_off,
     n_tasks,
@@ -691,9 +681,40 @@ def _col2im(
         p = np.int64(part)  # prange's index is unsigned in the parallel build
         _col2im_tasks8(
             x, height, width, off, mask, has_mask, base_y, base_x, gcols, row0, c_pg, gx,
-            g_off, g_mask, block, n_blocks, n_parts, want_gx, want_off, n_tasks * p // parts,
+            g_off, g_mask, block, n_blocks, n_parts, first, runs, want_gx, want_off,
+            n_tasks * p // parts,
             n_tasks * (p + 1) // parts,
         )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_table(
+    c_in: int, n_off: int, c_pg: int, n_k: int, block: int, n_blocks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of channels inside one weight group, of every (offset group, block).
+
+    Block ``i = g·n_blocks + blk`` (channels ``g·C_per + blk·block`` onwards, at most
+    ``block`` of offset group g's) has runs ``first[i] .. first[i + 1]``; run q is channels
+    ``runs[0, q] .. + runs[1, q]``, whose columns start at ``runs[2, q] + k·C_pg`` for
+    kernel point k. Found once here (cached, read only), not by a division per sample,
+    and not by code the kernels would compile.
+    """
+    c_per = c_in // n_off
+    first, chan, count, col = [0], [], [], []
+    for g in range(n_off):
+        for blk in range(n_blocks):
+            c = g * c_per + blk * block
+            c_hi = min(c + block, (g + 1) * c_per)
+            while c < c_hi:
+                wg = c // c_pg
+                cnt = min(c_hi, (wg + 1) * c_pg) - c
+                chan.append(c)
+                count.append(cnt)
+                col.append(c + wg * (n_k - 1) * c_pg)
+                c += cnt
+            first.append(len(chan))
+    runs = np.array([chan, count, col], dtype=np.uint64).reshape(3, len(chan))
+    return np.array(first, dtype=np.int64), runs
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -933,7 +954,9 @@ class _Problem:
         if self.height * self.width == 0:  # an empty map: every sample reads 0
             cols.zero_()
             return
-        args = (*self._common(), cols.numpy(), r0, self.c_pg)
+        c_per = self.c_in // self.n_off
+        runs = _runs_table(self.c_in, self.n_off, self.c_pg, self.k, c_per, 1)
+        args = (*self._common(), cols.numpy(), r0, self.c_pg, *runs)
         if _parallel(cols.numel()):
             _numba_threads.launch(_im2col, *args, numba.get_num_threads())
         else:
@@ -969,6 +992,7 @@ class _Problem:
             *self._common(), gcols.numpy(), r0, self.c_pg, gx3,
             dummy if g_off is None else g_off.numpy(),
             dummy[0] if g_mask is None else g_mask.numpy(), block, n_blocks, n_parts,
+            *_runs_table(self.c_in, self.n_off, self.c_pg, self.k, block, n_blocks),
             gx is not None, g_off is not None,
         )  # fmt: skip
         if _parallel(gcols.numel()):

@@ -31,12 +31,14 @@ into its own copy of ``grad_input``, summed in order at the end. No two threads 
 the same memory and the task split does not depend on the thread count, so the results
 are bitwise reproducible.
 
-Each kernel is a serial ``cache=True`` body over a range of rows or tasks
-(``_im2col_rows``, ``_col2im_tasks``) and a ``parallel=True`` wrapper that only splits the
-range into one part per thread (``_im2col``, ``_col2im``): Numba's parfor passes then
-analyse a loop of one call instead of the whole body. A call with fewer than
-:data:`PARALLEL_MIN_COLUMNS` column elements (or on one thread) runs the body directly
-on the calling thread: no launch cost, and a first small call compiles only the bodies.
+Each kernel is a serial ``cache=True`` body over a range of rows or tasks and a
+``parallel=True`` wrapper that only splits the range into one part per thread (``_im2col``,
+``_col2im``): Numba's parfor passes then analyse a loop of one call instead of the whole
+body. Large calls' bodies (``_im2col_rows8``, ``_col2im_tasks8``) find eight pixels'
+bilinear taps at once in vectors; small calls' (``_im2col_rows``, ``_col2im_tasks``) one
+pixel's at a time, bitwise the same. A call with fewer than :data:`PARALLEL_MIN_COLUMNS`
+column elements runs the small body directly on the calling thread: no launch cost, and a
+first small call compiles only the small bodies.
 ``_corners`` is called, not inlined at Numba's level (``_corners_fn``): Numba types and
 lowers it once, and LLVM inlines the call. Results do not depend on the split: every row
 and every task is computed by the same code, independently of the others.

@@ -4,9 +4,9 @@ The CPU kernels are compiled by Numba on their first call in a process that find
 cached build (several seconds), and loaded from the cache afterwards (well under a
 second). :func:`precompile` pays the compile cost at a moment of the user's choosing: in
 a Docker image's build step, after ``pip install`` on a cluster node, or before a timed
-benchmark. It calls each op once, forward and backward, on tiny CPU tensors of each
-requested dtype, which compiles (or loads) exactly the builds a real call of that dtype
-uses; Numba caches them next to the kernels' modules (in ``__pycache__``) or, when that
+benchmark. It calls each op, forward and backward, on a tiny and a larger CPU input of
+each requested dtype, which compiles (or loads) exactly the builds real calls of that
+dtype use; Numba caches them next to the kernels' modules (in ``__pycache__``) or, when that
 is not writable, under ``NUMBA_CACHE_DIR`` or the user's cache directory.
 
 Example:
@@ -38,18 +38,27 @@ KERNELS = ("dense", "grouped", "depthwise", "dcnv3")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+#: Map sizes of :func:`_conv`'s calls: small calls and large ones (which find bilinear
+#: taps eight pixels at a time and split their work over threads) run different builds.
+_SIZES = ((6, 5), (48, 48))
+
+
 def _conv(channels: int, groups: int, dtype: torch.dtype) -> None:
-    """Forward and backward of a tiny 3x3 deformable convolution, with and without mask."""
+    """Forward and backward of 3x3 deformable convolutions, with and without mask.
+
+    One on a tiny map and one on a larger map (see ``_SIZES``).
+    """
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, channels, 6, 5, dtype=dtype, generator=gen, requires_grad=True)
     weight = torch.randn(channels, channels // groups, 3, 3, dtype=dtype, generator=gen)
-    offset = torch.randn(2, 18, 6, 5, dtype=dtype, generator=gen)
-    mask = torch.rand(2, 9, 6, 5, dtype=dtype, generator=gen)
-    for m in (None, mask):
-        leaves = [t.detach().requires_grad_() for t in (x, offset, weight)]
-        m = None if m is None else m.detach().requires_grad_()
-        out = deform_conv2d(leaves[0], leaves[1], leaves[2], padding=1, mask=m)
-        out.sum().backward()
+    for size in _SIZES:
+        x = torch.randn(2, channels, *size, dtype=dtype, generator=gen)
+        offset = torch.randn(2, 18, *size, dtype=dtype, generator=gen)
+        mask = torch.rand(2, 9, *size, dtype=dtype, generator=gen)
+        for m in (None, mask):
+            leaves = [t.detach().requires_grad_() for t in (x, offset, weight)]
+            m = None if m is None else m.detach().requires_grad_()
+            out = deform_conv2d(leaves[0], leaves[1], leaves[2], padding=1, mask=m)
+            out.sum().backward()
 
 
 def _dcnv3(dtype: torch.dtype) -> None:

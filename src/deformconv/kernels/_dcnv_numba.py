@@ -81,13 +81,8 @@ from deformconv.kernels._simd import (
     LANES,
     lanes_pointer,
     vadd,
-    vfloor,
-    vge,
     vload,
     vload2,
-    vlt,
-    vmax,
-    vmin,
     vmul,
     vmuladd,
     vselect,
@@ -98,6 +93,23 @@ from deformconv.kernels._simd import (
     vsum4,
     vsum8,
 )
+from deformconv.kernels._taps import (
+    FIELDS,
+    LX,
+    LY,
+    OK,
+    V00,
+    V01,
+    V10,
+    V11,
+    W00,
+    W01,
+    W10,
+    W11,
+    M,
+    corner_rows,
+    vtaps,
+)  # fmt: skip
 from deformconv.kernels.dcnv_reference import kernel_points
 
 __all__ = ["backward", "forward"]
@@ -114,16 +126,6 @@ _ROWS_PER_TASK = 16
 _jit: Callable[[Any], Any] = numba.njit(
     parallel=True, cache=True, nogil=True, fastmath=False, error_model="numpy"
 )
-
-
-# Fields of the per-point table that :func:`_points` fills, eight points at a time.
-_RY0, _RY1, _RX0, _RX1 = 0, 1, 2, 3  # the corners' rows and columns, clamped into the map
-_W00, _W01, _W10, _W11 = 4, 5, 6, 7  # the corners' weights m·w_q (0 for a corner outside)
-_OK = 8  # 1 for a point inside (-1 <= y < H and -1 <= x < W), else 0
-_LY, _LX = 9, 10  # fractional parts
-_V00, _V01, _V10, _V11 = 11, 12, 13, 14  # corner validity (0/1)
-_M = 15  # the mask (0 for a point outside)
-_FIELDS = 16
 
 
 @intrinsic
@@ -185,68 +187,12 @@ def _points(
     ``corners`` gets the four corners' element offsets in a channels-last image of
     ``width`` columns and ``chans`` channels (see :func:`_vstore_corners`).
 
-    A point's position is ``b + (k + o)·scale``. Lanes outside the map (NaN included:
-    the comparisons are False) are replaced by -1 before the floor, so no NaN, infinite
-    or huge value reaches a corner; their mask is 0 and ``_OK`` is 0.
+    A point's position is ``b + (k + o)·scale``; the table as :func:`vtaps` fills it.
     """
-    vone = vsplat(one)
-    vzero = vsub(vone, vone)
-    vneg = vsub(vzero, vone)
-    vh = vsplat(fh)
-    vw = vsplat(fw)
     yy = vadd(by, vmul(vadd(ky, oy), scale))
     xx = vadd(bx, vmul(vadd(kx, ox), scale))
-    ok = vmul(vmul(vge(yy, vneg), vlt(yy, vh)), vmul(vge(xx, vneg), vlt(xx, vw)))
-    yy = vselect(ok, yy, vneg)
-    xx = vselect(ok, xx, vneg)
-    m = vselect(ok, m, vzero)
-    y0 = vfloor(yy)  # exact integers in [-1, H - 1]
-    x0 = vfloor(xx)
-    ly = vsub(yy, y0)
-    lx = vsub(xx, x0)
-    hy = vsub(vone, ly)
-    hx = vsub(vone, lx)
-    # Row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1 (as 0/1 by a min).
-    vy0 = vmin(vadd(y0, vone), vone)
-    vy1 = vmin(vsub(vsub(vh, vone), y0), vone)
-    vx0 = vmin(vadd(x0, vone), vone)
-    vx1 = vmin(vsub(vsub(vw, vone), x0), vone)
-    v00 = vmul(vy0, vx0)
-    v01 = vmul(vy0, vx1)
-    v10 = vmul(vy1, vx0)
-    v11 = vmul(vy1, vx1)
-    ry0 = vmax(y0, vzero)
-    ry1 = vmin(vadd(y0, vone), vsub(vh, vone))
-    rx0 = vmax(x0, vzero)
-    rx1 = vmin(vadd(x0, vone), vsub(vw, vone))
-    vstore(table, _RY0, col, ry0)
-    vstore(table, _RY1, col, ry1)
-    vstore(table, _RX0, col, rx0)
-    vstore(table, _RX1, col, rx1)
+    ry0, ry1, rx0, rx1 = vtaps(table, col, yy, xx, m, fh, fw, one)
     _vstore_corners(corners, col, ry0, ry1, rx0, rx1, width * chans, chans)
-    vstore(table, _W00, col, vmul(vmul(vmul(hy, hx), v00), m))
-    vstore(table, _W01, col, vmul(vmul(vmul(hy, lx), v01), m))
-    vstore(table, _W10, col, vmul(vmul(vmul(ly, hx), v10), m))
-    vstore(table, _W11, col, vmul(vmul(vmul(ly, lx), v11), m))
-    vstore(table, _OK, col, ok)
-    vstore(table, _LY, col, ly)
-    vstore(table, _LX, col, lx)
-    vstore(table, _V00, col, v00)
-    vstore(table, _V01, col, v01)
-    vstore(table, _V10, col, v10)
-    vstore(table, _V11, col, v11)
-    vstore(table, _M, col, m)
-
-
-@numba.njit(inline="always")
-def _corner_rows(table, j, pix, width):  # pragma: no cover
-    """The flat input rows of point ``j``'s four corners (the table's values are exact)."""
-    w = np.int64(width)
-    y0 = np.int64(table[_RY0, j]) * w + pix
-    y1 = np.int64(table[_RY1, j]) * w + pix
-    x0 = np.int64(table[_RX0, j])
-    x1 = np.int64(table[_RX1, j])
-    return np.uint64(y0 + x0), np.uint64(y0 + x1), np.uint64(y1 + x0), np.uint64(y1 + x1)
 
 
 @numba.njit(inline="always")
@@ -272,11 +218,11 @@ def _gather(x, out, r, c0, c_g, table, j_lo, n_p, pix, width):  # pragma: no cov
         a0 = vzero
         a1 = vzero
         for j in range(j_lo, j_lo + n_p):
-            if table[_OK, j] == 0:
+            if table[OK, j] == 0:
                 continue
-            i0, i1, i2, i3 = _corner_rows(table, j, pix, width)
-            u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
-            u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
+            i0, i1, i2, i3 = corner_rows(table, j, pix, width)
+            u0, u1 = vsplat(table[W00, j]), vsplat(table[W01, j])
+            u2, u3 = vsplat(table[W10, j]), vsplat(table[W11, j])
             s0 = vmuladd(vmul(u0, vload(x, i0, c)), u1, vload(x, i1, c))
             a0 = vadd(a0, vmuladd(vmuladd(s0, u2, vload(x, i2, c)), u3, vload(x, i3, c)))
             if pair:
@@ -290,10 +236,10 @@ def _gather(x, out, r, c0, c_g, table, j_lo, n_p, pix, width):  # pragma: no cov
         for k in range(full, n):
             out[r, c0 + k] = zero
         for j in range(j_lo, j_lo + n_p):
-            if table[_OK, j] == 0:
+            if table[OK, j] == 0:
                 continue
-            i0, i1, i2, i3 = _corner_rows(table, j, pix, width)
-            w0, w1, w2, w3 = table[_W00, j], table[_W01, j], table[_W10, j], table[_W11, j]
+            i0, i1, i2, i3 = corner_rows(table, j, pix, width)
+            w0, w1, w2, w3 = table[W00, j], table[W01, j], table[W10, j], table[W11, j]
             for k in range(full, n):
                 c = c0 + k
                 out[r, c] += w0 * x[i0, c] + w1 * x[i1, c] + w2 * x[i2, c] + w3 * x[i3, c]
@@ -328,9 +274,9 @@ def _gather_fast(xf, of, ro, xo, n, table, corners, j_lo, n_p):  # pragma: no co
             p2, p3 = vload(xf, 0, i2), vload(xf, 0, i3)
             q0, q1 = vload(xf, 0, i0 + lanes), vload(xf, 0, i1 + lanes)
             q2, q3 = vload(xf, 0, i2 + lanes), vload(xf, 0, i3 + lanes)
-            u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
-            u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
-            ok = vsplat(table[_OK, j])
+            u0, u1 = vsplat(table[W00, j]), vsplat(table[W01, j])
+            u2, u3 = vsplat(table[W10, j]), vsplat(table[W11, j])
+            ok = vsplat(table[OK, j])
             s0 = vmuladd(vmul(u0, p0), u1, p1)
             a0 = vadd(a0, vselect(ok, vmuladd(vmuladd(s0, u2, p2), u3, p3), vzero))
             s1 = vmuladd(vmul(u0, q0), u1, q1)
@@ -343,14 +289,14 @@ def _gather_fast(xf, of, ro, xo, n, table, corners, j_lo, n_p):  # pragma: no co
         for j_ in range(j_lo, j_lo + n_p):
             j = np.uint64(j_)
             c = xo + k
-            u0, u1 = vsplat(table[_W00, j]), vsplat(table[_W01, j])
-            u2, u3 = vsplat(table[_W10, j]), vsplat(table[_W11, j])
+            u0, u1 = vsplat(table[W00, j]), vsplat(table[W01, j])
+            u2, u3 = vsplat(table[W10, j]), vsplat(table[W11, j])
             s0 = vmuladd(
                 vmul(u0, vload(xf, 0, c + corners[0, j])), u1, vload(xf, 0, c + corners[1, j])
             )
             s0 = vmuladd(s0, u2, vload(xf, 0, c + corners[2, j]))
             s0 = vmuladd(s0, u3, vload(xf, 0, c + corners[3, j]))
-            a0 = vadd(a0, vselect(vsplat(table[_OK, j]), s0, vzero))
+            a0 = vadd(a0, vselect(vsplat(table[OK, j]), s0, vzero))
         vstore(of, 0, ro + k, a0)
 
 
@@ -378,7 +324,7 @@ def _forward(
     of = out.reshape(1, out.size)
     fast = c_g % LANES == 0
     for t in numba.prange((rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        table = np.empty((_FIELDS, full + LANES), kx.dtype)
+        table = np.empty((FIELDS, full + LANES), kx.dtype)
         corners = np.zeros((4, full + LANES + n_gp), np.int64)
         tail_off = np.zeros((1, 2 * LANES), kx.dtype)  # the last n_gp % 8 points, padded
         tail_mask = np.zeros((1, LANES), kx.dtype)
@@ -445,7 +391,7 @@ def _scatter_fast(
                 w = v + np.uint64(n_p)
                 for q in range(4):
                     _prefetch(xf, 0, xo + c_g + corners[q, w])
-            ok = vsplat(table[_OK, v])
+            ok = vsplat(table[OK, v])
             g0 = vselect(ok, go0, vzero)
             i0, i1 = c + corners[0, v], c + corners[1, v]
             i2, i3 = c + corners[2, v], c + corners[3, v]
@@ -458,8 +404,8 @@ def _scatter_fast(
                 s2, s3 = vload(lane_sums, 2 * cols + v, 0), vload(lane_sums, 3 * cols + v, 0)
             s0, s1 = vmuladd(s0, g0, p0), vmuladd(s1, g0, p1)
             s2, s3 = vmuladd(s2, g0, p2), vmuladd(s3, g0, p3)
-            u0, u1 = vsplat(table[_W00, v]), vsplat(table[_W01, v])
-            u2, u3 = vsplat(table[_W10, v]), vsplat(table[_W11, v])
+            u0, u1 = vsplat(table[W00, v]), vsplat(table[W01, v])
+            u2, u3 = vsplat(table[W10, v]), vsplat(table[W11, v])
             if pair:
                 g1 = vselect(ok, go1, vzero)
                 d = lanes
@@ -541,7 +487,7 @@ def _backward(
         j_lo = g_lo * n_p  # the task's points in a row: j_lo + (0 .. n_pts - 1)
         n_pts = (g_hi - g_lo) * n_p
         cols = (n_pts + LANES - 1) // LANES * LANES
-        table = np.empty((_FIELDS, cols), kx.dtype)
+        table = np.empty((FIELDS, cols), kx.dtype)
         corners = np.zeros((4, cols + n_pts), np.int64)
         lane_sums = np.empty((4 * cols, LANES), kx.dtype)  # per (corner, point)
         dots = np.empty((4, cols), kx.dtype)  # d_q per point
@@ -586,17 +532,17 @@ def _backward(
                               table, corners, lane_sums, cols, (gi - g_lo) * n_p, n_p,
                               c_g)  # fmt: skip
             for v in range(0 if fast else n_pts):  # the generic pass
-                if table[_OK, v] == 0:
+                if table[OK, v] == 0:
                     for q in range(4):
                         vstore(lane_sums, q * cols + v, 0, vzero)
                         dots[q, v] = zero
                     continue
                 cu = np.uint64((g_lo + v // n_p) * c_g + blk * block)
-                a00, a01, a10, a11 = _corner_rows(table, v, pix, width)
-                w00 = table[_W00, v]
-                w01 = table[_W01, v]
-                w10 = table[_W10, v]
-                w11 = table[_W11, v]
+                a00, a01, a10, a11 = corner_rows(table, v, pix, width)
+                w00 = table[W00, v]
+                w01 = table[W01, v]
+                w10 = table[W10, v]
+                w11 = table[W11, v]
                 # One pass over the block's channels, eight at a time: the four dot
                 # products d_q = Σ grad_out·x[corner_q] in lane-wise partial sums, and
                 # the scatter into gx. Each corner's read-modify-write completes before
@@ -664,20 +610,20 @@ def _point_grads(dots, table, v, scale, vzero, one, grads):  # pragma: no cover
     From the corners' dot products ``dots`` (4, ·); 0 for points outside the map.
     """
     vone = vsplat(one)
-    d00 = vmul(vload(dots, 0, v), vload(table, _V00, v))
-    d01 = vmul(vload(dots, 1, v), vload(table, _V01, v))
-    d10 = vmul(vload(dots, 2, v), vload(table, _V10, v))
-    d11 = vmul(vload(dots, 3, v), vload(table, _V11, v))
-    ly = vload(table, _LY, v)
-    lx = vload(table, _LX, v)
+    d00 = vmul(vload(dots, 0, v), vload(table, V00, v))
+    d01 = vmul(vload(dots, 1, v), vload(table, V01, v))
+    d10 = vmul(vload(dots, 2, v), vload(table, V10, v))
+    d11 = vmul(vload(dots, 3, v), vload(table, V11, v))
+    ly = vload(table, LY, v)
+    lx = vload(table, LX, v)
     hy = vsub(vone, ly)
     hx = vsub(vone, lx)
     gm = vmuladd(vmul(vmul(hy, hx), d00), vmul(hy, lx), d01)
     gm = vmuladd(vmuladd(gm, vmul(ly, hx), d10), vmul(ly, lx), d11)
-    ms = vmul(vload(table, _M, v), scale)
+    ms = vmul(vload(table, M, v), scale)
     gy = vmul(vmuladd(vmul(hy, vsub(d01, d00)), ly, vsub(d11, d10)), ms)
     gx = vmul(vmuladd(vmul(hx, vsub(d10, d00)), lx, vsub(d11, d01)), ms)
-    ok = vload(table, _OK, v)
+    ok = vload(table, OK, v)
     vstore(grads, 0, 0, vselect(ok, gm, vzero))
     vstore(grads, 1, 0, vselect(ok, gy, vzero))
     vstore(grads, 2, 0, vselect(ok, gx, vzero))

@@ -80,20 +80,29 @@ from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channe
 from deformconv.kernels._simd import (
     LANES,
     vadd,
-    vfloor,
-    vge,
     vload,
-    vlt,
-    vmax,
-    vmin,
-    vmul,
     vmuladd,
-    vselect,
     vsplat,
     vstore,
-    vsub,
     vsum4,
 )  # fmt: skip
+from deformconv.kernels._taps import (
+    FIELDS,
+    LX,
+    LY,
+    OK,
+    V00,
+    V01,
+    V10,
+    V11,
+    W00,
+    W01,
+    W10,
+    W11,
+    M,
+    corner_rows,
+    vtaps,
+)
 
 _numba_threads.configure()  # before the first parallel kernel runs
 
@@ -158,14 +167,6 @@ def _corners(y, x, height, width, one):  # pragma: no cover
 _corners_fn = numba.njit(**_options)(_corners.py_func)
 
 
-# Rows of the eight-pixel tap table of _taps8: clamped corner rows and columns (exact small
-# integers), the four modulated weights, the fractional parts, the corners' 0/1 validity,
-# the mask (0 outside the map) and 1 / 0 for inside / outside the map.
-_RY0, _RY1, _RX0, _RX1, _W00, _W01, _W10, _W11 = range(8)
-_LY, _LX, _V00, _V01, _V10, _V11, _M, _OK = range(8, 16)
-_TAB_ROWS = 16
-
-
 @numba.njit(inline="always")
 def _taps8(
     base_y, base_x, off2, mask2, has_mask, k, ro, rm, p_l, fh, fw, one, tab
@@ -173,64 +174,14 @@ def _taps8(
     """The taps of the eight output pixels p_l .. p_l + 8 at kernel point k, into ``tab``.
 
     ``off2[ro]`` holds their Δy, ``off2[ro + 1]`` their Δx, ``mask2[rm]`` their mask. The
-    same operations in the same order as :func:`_corners` and the scalar path, lane-wise,
-    so the table's values are bitwise the scalar path's. Lanes outside the map (NaN
-    included: the comparisons are False) are moved to -1 before the floor and get mask
-    0: weights 0 at the clamped corner (0, 0), as the scalar path's 0 at the image's
-    first pixel.
+    table as :func:`~deformconv.kernels._taps.vtaps` fills it: bitwise the scalar path's
+    values (:func:`_corners`); a point outside the map gets weights 0 at the corner (0, 0),
+    as the scalar path's 0 at the image's first pixel.
     """
-    vone = vsplat(one)
-    vzero = vsub(vone, vone)
-    vneg = vsub(vzero, vone)
-    vh = vsplat(fh)
-    vw = vsplat(fw)
     yy = vadd(vload(base_y, k, p_l), vload(off2, ro, p_l))
     xx = vadd(vload(base_x, k, p_l), vload(off2, ro + 1, p_l))
-    ok = vmul(vmul(vge(yy, vneg), vlt(yy, vh)), vmul(vge(xx, vneg), vlt(xx, vw)))
-    yy = vselect(ok, yy, vneg)
-    xx = vselect(ok, xx, vneg)
-    m = vselect(ok, vload(mask2, rm, p_l) if has_mask else vone, vzero)
-    y0 = vfloor(yy)
-    x0 = vfloor(xx)
-    ly = vsub(yy, y0)
-    lx = vsub(xx, x0)
-    hy = vsub(vone, ly)
-    hx = vsub(vone, lx)
-    # Row y0 exists iff y0 >= 0, row y0 + 1 iff y0 + 1 <= H - 1 (as 0/1 by a min).
-    vy0 = vmin(vadd(y0, vone), vone)
-    vy1 = vmin(vsub(vsub(vh, vone), y0), vone)
-    vx0 = vmin(vadd(x0, vone), vone)
-    vx1 = vmin(vsub(vsub(vw, vone), x0), vone)
-    v00 = vmul(vy0, vx0)
-    v01 = vmul(vy0, vx1)
-    v10 = vmul(vy1, vx0)
-    v11 = vmul(vy1, vx1)
-    vstore(tab, _RY0, 0, vmax(y0, vzero))
-    vstore(tab, _RY1, 0, vmin(vadd(y0, vone), vsub(vh, vone)))
-    vstore(tab, _RX0, 0, vmax(x0, vzero))
-    vstore(tab, _RX1, 0, vmin(vadd(x0, vone), vsub(vw, vone)))
-    vstore(tab, _W00, 0, vmul(vmul(vmul(hy, hx), v00), m))
-    vstore(tab, _W01, 0, vmul(vmul(vmul(hy, lx), v01), m))
-    vstore(tab, _W10, 0, vmul(vmul(vmul(ly, hx), v10), m))
-    vstore(tab, _W11, 0, vmul(vmul(vmul(ly, lx), v11), m))
-    vstore(tab, _LY, 0, ly)
-    vstore(tab, _LX, 0, lx)
-    vstore(tab, _V00, 0, v00)
-    vstore(tab, _V01, 0, v01)
-    vstore(tab, _V10, 0, v10)
-    vstore(tab, _V11, 0, v11)
-    vstore(tab, _M, 0, m)
-    vstore(tab, _OK, 0, ok)
-
-
-@numba.njit(inline="always")
-def _tab_corners(tab, i, pix, width):  # pragma: no cover
-    """Flat input rows of pixel i's four corners in a tap table (exact integers there)."""
-    y0 = np.int64(tab[_RY0, i]) * width + pix
-    y1 = np.int64(tab[_RY1, i]) * width + pix
-    x0 = np.int64(tab[_RX0, i])
-    x1 = np.int64(tab[_RX1, i])
-    return np.uint64(y0 + x0), np.uint64(y0 + x1), np.uint64(y1 + x0), np.uint64(y1 + x1)
+    m = vload(mask2, rm, p_l) if has_mask else vsplat(one)
+    vtaps(tab, 0, yy, xx, m, fh, fw, one)
 
 
 @numba.njit(inline="always")
@@ -336,7 +287,7 @@ def _im2col_rows8(
     one = x.dtype.type(1)
     off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
     mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
-    tab = np.empty((_TAB_ROWS, LANES), dtype=x.dtype)
+    tab = np.empty((FIELDS, LANES), dtype=x.dtype)
     fh = x.dtype.type(height)
     fw = x.dtype.type(width)
     r = r_lo
@@ -358,10 +309,10 @@ def _im2col_rows8(
                 rm = (b * n_off + g) * n_k + k
                 _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab)
                 for i in range(LANES):
-                    i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
+                    i00, i01, i10, i11 = corner_rows(tab, i, pix, width)
                     _blend(
-                        x, cols, r + i, kc, i00, i01, i10, i11, tab[_W00, i], tab[_W01, i],
-                        tab[_W10, i], tab[_W11, i], first[g], first[g + 1], runs,
+                        x, cols, r + i, kc, i00, i01, i10, i11, tab[W00, i], tab[W01, i],
+                        tab[W10, i], tab[W11, i], first[g], first[g + 1], runs,
                     )  # fmt: skip
         r += LANES
 
@@ -528,7 +479,7 @@ def _make_col2im_tasks(rows8: bool) -> Any:
         if rows8:
             off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
             mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
-            tabs = np.empty((n_k, _TAB_ROWS, LANES), dtype=x.dtype)  # eight rows' taps, all k
+            tabs = np.empty((n_k, FIELDS, LANES), dtype=x.dtype)  # eight rows' taps, all k
             fh = x.dtype.type(height)
             fw = x.dtype.type(width)
         for t in range(t_lo, t_hi):
@@ -564,11 +515,11 @@ def _make_col2im_tasks(rows8: bool) -> Any:
                         if rows8:
                             if eight:
                                 tab = tabs[k]
-                                inside = tab[_OK, i] != zero
-                                ly, lx, m = tab[_LY, i], tab[_LX, i], tab[_M, i]
-                                v00, v01 = tab[_V00, i], tab[_V01, i]
-                                v10, v11 = tab[_V10, i], tab[_V11, i]
-                                i00, i01, i10, i11 = _tab_corners(tab, i, pix, width)
+                                inside = tab[OK, i] != zero
+                                ly, lx, m = tab[LY, i], tab[LX, i], tab[M, i]
+                                v00, v01 = tab[V00, i], tab[V01, i]
+                                v10, v11 = tab[V10, i], tab[V11, i]
+                                i00, i01, i10, i11 = corner_rows(tab, i, pix, width)
                         if not eight:
                             y = base_y[k, p_l] + off[b, g, k, 0, p_l]
                             xx = base_x[k, p_l] + off[b, g, k, 1, p_l]

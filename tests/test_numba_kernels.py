@@ -393,6 +393,24 @@ def test_weight_gradient_slices_match_a_float64_product(monkeypatch, accumulate)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def _problem_with_special_offsets(in_channels, dtype, modulated, seed):
+    """A ``_Problem`` of 2 images of 7×9 (2 offset groups) with special offsets, and its generator.
+
+    A fifth of the offsets are NaN, ±inf, huge, on the -1 border, half-integers or beyond
+    the map.
+    """
+    cfg = Config(batch=2, in_channels=in_channels, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    offset = offset * 4
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.5, 7.0])
+    replace = torch.rand(offset.shape, generator=g) < 0.2
+    pick = torch.randint(0, len(specials), offset.shape, generator=g)
+    offset = torch.where(replace, specials[pick].to(dtype), offset)
+    geo = ((1, 1), (1, 1), (1, 1))
+    return _numba._Problem(x, offset, mask if modulated else None, weight, *geo), g
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("modulated", [False, True])
 def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
@@ -401,16 +419,7 @@ def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
     # at a time: both must give the same columns, bit for bit, on positions inside, on the
     # border of and outside the map (NaN, ±inf, huge), with and without a mask. 63 pixels
     # per image: each image ends inside a group of eight.
-    cfg = Config(batch=2, in_channels=10, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
-    x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
-    g = torch.Generator().manual_seed(5)
-    offset = offset * 4
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.5, 7.0])
-    replace = torch.rand(offset.shape, generator=g) < 0.2
-    pick = torch.randint(0, len(specials), offset.shape, generator=g)
-    offset = torch.where(replace, specials[pick].to(dtype), offset)
-    geo = ((1, 1), (1, 1), (1, 1))
-    p = _numba._Problem(x, offset, mask if modulated else None, weight, *geo)
+    p, _ = _problem_with_special_offsets(10, dtype, modulated, seed=5)
     rows = p.n * p.length
     common = p._common()
     runs = _numba._runs_table(p.c_in, p.n_off, p.c_pg, p.k, p.c_in // p.n_off, 1)
@@ -430,16 +439,7 @@ def test_col2im_eight_row_taps_equal_one_row_taps(dtype, modulated):
     # small calls' one-row kernel: both must give the same input, offset and mask
     # gradients, bit for bit, on positions inside, on the border of and outside the map.
     # 70 channels: two channel blocks, the second with a scalar tail; 63 rows per image.
-    cfg = Config(batch=2, in_channels=140, out_channels=4, size=(7, 9), offset_groups=2, mask=True)  # fmt: skip
-    x, offset, weight, _, mask = make_problem(cfg, dtype=dtype)
-    g = torch.Generator().manual_seed(6)
-    offset = offset * 4
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.5, 7.0])
-    replace = torch.rand(offset.shape, generator=g) < 0.2
-    pick = torch.randint(0, len(specials), offset.shape, generator=g)
-    offset = torch.where(replace, specials[pick].to(dtype), offset)
-    geo = ((1, 1), (1, 1), (1, 1))
-    p = _numba._Problem(x, offset, mask if modulated else None, weight, *geo)
+    p, g = _problem_with_special_offsets(140, dtype, modulated, seed=6)
     rows = p.n * p.length
     gcols = torch.randn(rows, p.row_width, generator=g).to(dtype)
     block, n_blocks = 64, 2  # of the 70 channels per offset group

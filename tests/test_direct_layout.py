@@ -1,4 +1,5 @@
-"""Layout changes of the CPU kernels: channels-first <-> channels-last rows.
+"""Layout changes of the CPU kernels: channels-first <-> channels-last rows, a forward
+chunk's rows into the output maps, a weight's (C_pg, K) <-> (K, C_pg) transposes.
 
 Oracle: torch's permute-copy (exact: the transposes only move elements) and a float64
 sum for the per-channel sums of ``grad_output``.
@@ -47,6 +48,40 @@ def test_channels_first_roundtrip(shape):
     out = _layout._to_channels_first(rows, n, h, w)
     assert out.is_contiguous()
     assert torch.equal(out, rows.view(n, h, w, c).permute(0, 3, 1, 2))
+
+
+# (N, C, L) maps; (first image, first pixel, images, pixels) of the chunk: whole images,
+# a middle image alone, a slice inside an image, a slice at an image's end, odd sizes
+CHUNKS = [
+    ((3, 16, 40), (0, 0, 3, 40)),
+    ((3, 16, 40), (1, 0, 1, 40)),
+    ((2, 13, 37), (1, 5, 1, 19)),
+    ((2, 24, 37), (0, 29, 1, 8)),
+    ((4, 9, 3), (2, 0, 2, 3)),
+]
+
+
+@pytest.mark.parametrize(("shape", "chunk"), CHUNKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunk_rows_into_maps(shape, chunk, dtype):
+    n, c, length = shape
+    b0, l0, images, pixels = chunk
+    maps = torch.randn(shape, dtype=dtype)
+    before = maps.clone()
+    rows = torch.randn(images * pixels, c, dtype=dtype)
+    _layout._rows_into_maps(rows, maps, b0, l0)
+    expected = before.clone()
+    expected[b0 : b0 + images, :, l0 : l0 + pixels] = rows.view(images, pixels, c).transpose(1, 2)
+    assert torch.equal(maps, expected)  # the chunk written, everything else untouched
+
+
+@pytest.mark.parametrize("shape", [(6, 16, 9), (5, 13, 9), (3, 9, 1), (4, 1, 25), (0, 8, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transpose_each(shape, dtype):
+    src = torch.randn(shape, dtype=dtype)
+    out = torch.empty(shape[0], shape[2], shape[1], dtype=dtype)
+    _layout._transpose_each(src, out)
+    assert torch.equal(out, src.transpose(1, 2))
 
 
 def test_sources_of_any_layout_and_dtype():

@@ -76,7 +76,13 @@ from torch import Tensor
 
 from deformconv.kernels import _numba_threads, _onednn
 from deformconv.kernels._chunks import plan_chunks
-from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
+from deformconv.kernels._layout import (
+    _channels_last_into,
+    _rows_into_maps,
+    _scratch,
+    _to_channels_first,
+    _transpose_each,
+)
 from deformconv.kernels._simd import (
     LANES,
     vadd,
@@ -788,8 +794,8 @@ def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     c_out, c_pg, k_h, k_w = weight.shape
     cog, k = c_out // groups, k_h * k_w
     out = _scratch("dense_w", groups * cog, k * c_pg, dtype).view(groups, cog, k * c_pg)
-    w = weight.detach().reshape(groups, cog, c_pg, k).transpose(2, 3)
-    out.view(groups, cog, k, c_pg).copy_(w)
+    w = weight.detach().to(dtype).contiguous().view(c_out, c_pg, k)
+    _transpose_each(w, out.view(c_out, k, c_pg))
     return out
 
 
@@ -1005,8 +1011,7 @@ def forward(
             rows_all = _onednn.forward_rows(
                 *_onednn_operands(p, chunk), None if b is None else b[:, 0], p.groups
             )
-            maps = rows_all.view(n1 - n0, (r1 - r0) // (n1 - n0), p.c_out).transpose(1, 2)
-            out_maps[n0:n1, :, l0 : l0 + maps.shape[2]].copy_(maps)
+            _rows_into_maps(rows_all, out_maps, n0, l0)
             continue
         for g in range(p.groups):
             c_lo, c_hi = g * cog, (g + 1) * cog
@@ -1141,11 +1146,10 @@ def backward(
         if mask is not None:
             grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
     if gw_mat is not None:
-        k_h, k_w = weight.shape[2], weight.shape[3]
-        own = gw_mat.reshape(p.groups, cog, k_h, k_w, p.c_pg).permute(0, 1, 4, 2, 3)
-        # a fresh tensor even where the permute is a view (1x1 kernels): gw_mat is scratch
-        grad_weight = torch.empty(weight.shape, dtype=weight.dtype)
-        grad_weight.view(own.shape).copy_(own)
+        # a fresh tensor even where the transpose is a copy alone (1x1 kernels): gw_mat is scratch
+        grad_weight = torch.empty(weight.shape, dtype=p.dtype)
+        _transpose_each(gw_mat.view(p.c_out, p.k, p.c_pg), grad_weight.view(p.c_out, p.c_pg, p.k))
+        grad_weight = grad_weight.to(weight.dtype)
     if bias is not None and want_b:
         # Summed from the contiguous rows: the same order whatever grad_output's strides.
         grad_bias = g_rows.sum(0).to(bias.dtype)

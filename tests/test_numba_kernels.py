@@ -284,6 +284,17 @@ def test_bench_runs_and_writes_markdown():
     assert set(result["geomean"]) >= {"deformconv/conv2d fwd", "deformconv/conv2d fwd+bwd"}
 
 
+def test_bench_rounds_rotate_the_order():
+    # every implementation runs right after each other one, and as often as the others
+    from deformconv.bench import cpu as bench
+
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = bench._interleaved_ms(steps, repeat=3, warmup=1)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {name: len(runs) for name, runs in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
 @pytest.mark.parametrize(
     ("channels", "kernel", "size"),
     [(1, 3, (5, 4)), (6, 1, (5, 4)), (6, 3, (1, 1)), (64, 3, (40, 40))],

@@ -5,7 +5,8 @@ the GPU benchmark) it times, in one process,
 forward and forward+backward of ``F.conv2d``, :func:`deformconv.deform_conv2d` (backend
 ``auto``) and ``torchvision.ops.deform_conv2d`` when installed: the median of ``repeat``
 runs after ``warmup`` runs, the implementations taking turns in each round so that load
-from other processes hits them alike. Offsets are random (std 1 px), so the bilinear
+from other processes hits them alike, each round starting one implementation later so
+that none always follows the same other one. Offsets are random (std 1 px), so the bilinear
 gather does real work.
 
 Peak memory: for each layer and implementation a fresh subprocess builds the inputs, runs
@@ -98,16 +99,21 @@ def _interleaved_ms(
     """Run times in ms of each step, ``repeat`` rounds after ``warmup`` rounds.
 
     The implementations take turns within each round, so a change in machine load
-    (the CPU is shared) hits all of them alike and the ratios stay fair.
+    (the CPU is shared) hits all of them alike and the ratios stay fair. Each round
+    starts one implementation later than the one before: no implementation always runs
+    right after the same other one, whose memory traffic (torchvision's column buffers
+    are gigabytes) would leave it the same cold caches every time.
     """
     for _ in range(warmup):
         for fn in steps.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, fn in steps.items():
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeat):
+        first = i % len(names) if names else 0
+        for name in names[first:] + names[:first]:
             start = time.perf_counter()
-            fn()
+            steps[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
 

@@ -836,11 +836,14 @@ def _onednn_operands(p: _Problem, cols: Tensor) -> tuple[Tensor, Tensor]:
     return own, p.weight.reshape(p.c_out, p.c_pg * p.k).contiguous()
 
 
-def _grad_rows(grad_output: Tensor, p: _Problem) -> Tensor:
-    """(N·L, C_out): ``grad_output`` channels-last (scratch; group g's are columns g·cog...)."""
+def _grad_rows(grad_output: Tensor, p: _Problem, with_sums: bool) -> tuple[Tensor, Tensor | None]:
+    """(N·L, C_out): ``grad_output`` channels-last (scratch; group g's are columns g·cog...).
+
+    With ``with_sums``, also the per-channel sums (the bias gradient, float64), taken in
+    the same pass in an order fixed by the shapes; else None.
+    """
     rows = _scratch("dense_go", p.n * p.length, p.c_out, p.dtype)
-    _channels_last_into(rows, grad_output)
-    return rows
+    return rows, _channels_last_into(rows, grad_output, with_sums)
 
 
 class _Problem:
@@ -1072,7 +1075,7 @@ def backward(
     want_off = want_off or (want_m and mask is not None)  # one pass gives both
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     cog = p.c_out // p.groups
-    g_rows = _grad_rows(grad_output, p)
+    g_rows, g_sums = _grad_rows(grad_output, p, bias is not None and want_b)
     c_per = p.c_in // p.n_off
     row_bytes = 2 * p.row_width * p.x.element_size()
     cap = _backward_chunk_bytes(row_bytes)
@@ -1150,9 +1153,8 @@ def backward(
         grad_weight = torch.empty(weight.shape, dtype=p.dtype)
         _transpose_each(gw_mat.view(p.c_out, p.k, p.c_pg), grad_weight.view(p.c_out, p.c_pg, p.k))
         grad_weight = grad_weight.to(weight.dtype)
-    if bias is not None and want_b:
-        # Summed from the contiguous rows: the same order whatever grad_output's strides.
-        grad_bias = g_rows.sum(0).to(bias.dtype)
+    if bias is not None and g_sums is not None:
+        grad_bias = g_sums.to(bias.dtype)
     # The channels-last copies go before grad_input is allocated: a lower peak.
     del p, g_rows
     if gx is not None:

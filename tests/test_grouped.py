@@ -347,3 +347,36 @@ def test_direct_kernels_on_a_cpu_without_avx512(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out, grads = torch.load(tmp_path / "out.pt")
     _assert_all_close((out, grads), _reference_run(problem, kwargs, go), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_depthwise_eight_pixel_path_equals_one_pixel_path(dtype, modulated):
+    # The depthwise forward takes eight pixels of one image at a time (taps and channels
+    # in vectors) and an image's last pixels one at a time: both must give the same
+    # output, bit for bit, on positions inside, on the border of and outside the map (NaN,
+    # ±inf, huge), with and without a mask. 2 offset groups of 27 channels (16 + 8 lanes
+    # and a scalar tail), 63 pixels per image (each image ends inside a group of eight),
+    # an input with an infinite pixel (an outside sample must not read it).
+    cfg = Config(batch=2, in_channels=54, out_channels=54, size=(7, 9), groups=54, offset_groups=2, mask=True)  # fmt: skip
+    x, offset, weight, bias, mask = make_problem(cfg, dtype=dtype)
+    x[0, :, 0, 0] = float("inf")
+    g = torch.Generator().manual_seed(7)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.5, 7.0])
+    replace = torch.rand(offset.shape, generator=g) < 0.2
+    pick = torch.randint(0, len(specials), offset.shape, generator=g)
+    offset = torch.where(replace, specials[pick].to(dtype), offset * 4)
+    p = _direct._Problem(x, offset, mask if modulated else None, weight, (1, 1), (1, 1), (1, 1))
+    w_kc = p.weight.reshape(p.c_out, p.k).t().contiguous().numpy()
+    b = bias.detach().to(p.dtype).numpy()
+    rows = p.n * p.length
+
+    def run(kernel, *extra):
+        out = torch.full((rows, p.c_out), 12345.0, dtype=dtype)  # a value no output takes
+        kernel(*p.common(), w_kc, b, out.numpy(), *extra)
+        return out
+
+    vectors = run(_direct._forward_depthwise)
+    singles = run(_direct._depthwise_rows, 0, rows)
+    assert not (singles == 12345.0).any()  # every output was written
+    torch.testing.assert_close(vectors, singles, rtol=0, atol=0, equal_nan=True)

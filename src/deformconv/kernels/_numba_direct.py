@@ -105,7 +105,7 @@ from torch import Tensor
 
 from deformconv.kernels import _numba_threads
 from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
-from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners
+from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners, _taps8
 from deformconv.kernels._simd import (
     LANES,
     WIDE,
@@ -121,6 +121,7 @@ from deformconv.kernels._simd import (
     vsum4,
     vwidth,
 )
+from deformconv.kernels._taps import FIELDS, OK, W00, W01, W10, W11, corner_rows
 
 __all__ = ["MAX_GROUP_CHANNELS", "SLOTS", "backward", "forward", "prefers_direct"]
 
@@ -155,6 +156,9 @@ _ROWS_PER_TASK = 32
 _jit: Callable[[Any], Any] = numba.njit(
     parallel=True, cache=True, nogil=True, fastmath=False, error_model="numpy"
 )
+_serial_jit: Callable[[Any], Any] = numba.njit(
+    cache=True, nogil=True, fastmath=False, error_model="numpy"
+)
 
 
 def prefers_direct(c_in: int, c_out: int, groups: int) -> bool:
@@ -183,17 +187,18 @@ def _geometry(y, xx, height, width, pix, m, one):  # pragma: no cover
     return i00, i01, i10, i11, w00, w01, w10, w11, ly, lx, v00, v01, v10, v11
 
 
-@_jit
-def _forward_depthwise(
-    x, height, width, off, mask, has_mask, base_y, base_x, w_kc, bias, out
+@_serial_jit
+def _depthwise_rows(
+    x, height, width, off, mask, has_mask, base_y, base_x, w_kc, bias, out, r_lo, r_hi
 ):  # pragma: no cover
-    # x: (N·H·W, C). w_kc: (K, C). bias: (C,). out: (N·L, C), row = n·L + l.
+    # Rows r_lo .. r_hi of _forward_depthwise, one pixel at a time (an image's last rows
+    # that do not fill eight, small calls).
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     n_ch = x.shape[1]
     c_per = n_ch // n_off
     one = x.dtype.type(1)
     nc = np.uint64(n_ch)
-    for r in numba.prange(out.shape[0]):
+    for r in range(r_lo, r_hi):
         b = r // length
         p_l = r - b * length
         pix = b * height * width
@@ -215,6 +220,97 @@ def _forward_depthwise(
                     out[r, c] += w_kc[k, c] * (
                         w00 * x[i00, c] + w01 * x[i01, c] + w10 * x[i10, c] + w11 * x[i11, c]
                     )
+
+
+@numba.njit(inline="always")
+def _accumulate_run(
+    x, w_kc, out, r, k, c0, cnt, tab, i, i00, i01, i10, i11, like
+):  # pragma: no cover
+    # out[r, c] += w_kc[k, c] · Σ_q w_q · x[i_q, c] for c = c0 .. in vectors of like's width
+    # while they fit in cnt channels (the scalar body's operations in its order); returns
+    # how many channels it did.
+    a = vsplatas(tab[W00, i], like)
+    b = vsplatas(tab[W01, i], like)
+    c = vsplatas(tab[W10, i], like)
+    d = vsplatas(tab[W11, i], like)
+    step = vwidth(like)
+    j = np.uint64(0)
+    while j + step <= cnt:
+        ch = c0 + j
+        v = vmul(a, vloadas(x, i00, ch, like))
+        v = vmuladd(v, b, vloadas(x, i01, ch, like))
+        v = vmuladd(v, c, vloadas(x, i10, ch, like))
+        v = vmuladd(v, d, vloadas(x, i11, ch, like))
+        vstore(out, r, ch, vmuladd(vloadas(out, r, ch, like), vloadas(w_kc, k, ch, like), v))
+        j += step
+    return j
+
+
+@_jit
+def _forward_depthwise(
+    x, height, width, off, mask, has_mask, base_y, base_x, w_kc, bias, out
+):  # pragma: no cover
+    # x: (N·H·W, C). w_kc: (K, C). bias: (C,). out: (N·L, C), row = n·L + l. Tasks of
+    # _ROWS_PER_TASK rows; eight rows of one image at a time find their taps in vectors
+    # (_taps8: bitwise the scalar path's) and accumulate their channels in vectors, in the
+    # scalar body's order (_depthwise_rows, which does an image's last rows).
+    n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
+    n_ch = x.shape[1]
+    c_per = np.uint64(n_ch // n_off)
+    one = x.dtype.type(1)
+    fh = x.dtype.type(height)
+    fw = x.dtype.type(width)
+    wzero = vsplatw(one - one)
+    vzero = vsplat(one - one)
+    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
+    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    n_rows = out.shape[0]
+    n_tasks = (n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for t in numba.prange(n_tasks):
+        tab = np.empty((FIELDS, LANES), dtype=x.dtype)
+        r = t * _ROWS_PER_TASK
+        end = min(n_rows, r + _ROWS_PER_TASK)
+        while r < end:
+            b = r // length
+            p_l = r - b * length
+            if r + LANES > end or p_l + LANES > length:
+                stop = min(end, r + length - p_l)
+                _depthwise_rows(
+                    x, height, width, off, mask, has_mask, base_y, base_x, w_kc, bias, out,
+                    r, stop,
+                )  # fmt: skip
+                r = stop
+                continue
+            pix = b * height * width
+            for i in range(LANES):
+                for c in range(np.uint64(n_ch)):
+                    out[r + i, c] = bias[c]
+            for k in range(n_k):
+                for g in range(n_off):
+                    rm = (b * n_off + g) * n_k + k
+                    _taps8(
+                        base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab
+                    )
+                    c0 = np.uint64(g) * c_per
+                    for i in range(LANES):
+                        if tab[OK, i] == 0:  # outside the map: adds nothing (as the scalar path)
+                            continue
+                        i00, i01, i10, i11 = corner_rows(tab, i, pix, width)
+                        row = np.uint64(r + i)
+                        j = _accumulate_run(
+                            x, w_kc, out, row, k, c0, c_per, tab, i, i00, i01, i10, i11, wzero
+                        )
+                        j += _accumulate_run(
+                            x, w_kc, out, row, k, c0 + j, c_per - j, tab, i, i00, i01, i10, i11,
+                            vzero,
+                        )  # fmt: skip
+                        for jj in range(j, c_per):
+                            c = c0 + jj
+                            out[row, c] += w_kc[k, c] * (
+                                tab[W00, i] * x[i00, c] + tab[W01, i] * x[i01, c]
+                                + tab[W10, i] * x[i10, c] + tab[W11, i] * x[i11, c]
+                            )  # fmt: skip
+            r += LANES
 
 
 @_jit

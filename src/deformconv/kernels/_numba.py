@@ -1149,7 +1149,7 @@ def backward(
         if mask is not None:
             grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
     if gw_mat is not None:
-        # a fresh tensor even where the transpose is a copy alone (1x1 kernels): gw_mat is scratch
+        # fresh memory, as every result: gw_mat is scratch that the next call reuses
         grad_weight = torch.empty(weight.shape, dtype=p.dtype)
         _transpose_each(gw_mat.view(p.c_out, p.k, p.c_pg), grad_weight.view(p.c_out, p.c_pg, p.k))
         grad_weight = grad_weight.to(weight.dtype)

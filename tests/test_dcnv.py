@@ -299,6 +299,26 @@ def test_empty_batch(backend):
     assert all(t.grad.shape == t.shape for t in tensors)
 
 
+def test_empty_input_map(backend):
+    """A 0×0 input whose padding alone gives the output: every sample reads 0.
+
+    The samples lie in [-1, 0), so they pass the range check, yet have no pixel to read
+    (their corner row and column are -1): the output and every gradient are zero. The
+    input is an empty view into NaNs: a kernel that read before it would return NaN.
+    """
+    x = torch.full((1, 4, 4, 16), float("nan"))[:, 2:2, 2:2].requires_grad_()
+    offset = torch.full((1, 2, 2, 2 * 9 * 2), -0.5, requires_grad=True)
+    mask = torch.full((1, 2, 2, 2 * 9), 0.5, requires_grad=True)
+    kwargs = {"kernel_size": 3, "stride": 1, "padding": 2, "dilation": 1, "group": 2,
+              "offset_scale": 1.0}  # fmt: skip
+    out = _call(backend, deformconv.dcnv3, x, offset, mask, **kwargs)
+    assert torch.equal(out, torch.zeros(1, 2, 2, 16))
+    out.backward(torch.randn(out.shape))
+    assert x.grad.shape == x.shape
+    assert torch.equal(offset.grad, torch.zeros_like(offset))
+    assert torch.equal(mask.grad, torch.zeros_like(mask))
+
+
 def test_non_contiguous_inputs(backend):
     case = CASES["basic"]
     x, offset, mask = case.tensors()

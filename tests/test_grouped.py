@@ -380,3 +380,32 @@ def test_depthwise_eight_pixel_path_equals_one_pixel_path(dtype, modulated):
     singles = run(_direct._depthwise_rows, 0, rows)
     assert not (singles == 12345.0).any()  # every output was written
     torch.testing.assert_close(vectors, singles, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "out_channels"),
+    [(16, 16, 16), (16, 2, 16), (32, 4, 64), (6, 2, 4)],
+    ids=["depthwise", "vectors", "outer", "grouped"],
+)
+def test_empty_input_map_reads_zeros(channels, groups, out_channels):
+    # A 0×0 input whose padding alone gives the output: every sample lies in [-1, 0) (the
+    # range check passes) yet has no pixel to read. The output is the bias, every gradient
+    # but the bias's is zero, and no kernel reads before the input (the corner row and
+    # column are -1 there).
+    x = torch.randn(2, channels, 0, 0)
+    weight = torch.randn(out_channels, channels // groups, 1, 1)
+    bias = torch.randn(out_channels)
+    h_out, w_out = 2, 8
+    oy = torch.arange(h_out, dtype=torch.float32).view(h_out, 1).expand(h_out, w_out)
+    ox = torch.arange(w_out, dtype=torch.float32).view(1, w_out).expand(h_out, w_out)
+    offset = torch.stack([-0.5 - (oy - 1), -0.5 - (ox - 4)]).expand(2, 2, h_out, w_out)
+    problem = (x, offset.contiguous(), weight, bias, None)
+    grad_output = torch.randn(2, out_channels, h_out, w_out)
+    kwargs = {"stride": (1, 1), "padding": (1, 4), "dilation": (1, 1)}
+    out, (g_x, g_off, g_mask, g_w, g_b) = _direct_run(problem, kwargs, grad_output)
+    # From the equation: no sample has a pixel, so out = bias and only the bias has a gradient.
+    assert torch.equal(out, bias.view(1, -1, 1, 1).expand_as(out))
+    assert g_x.shape == x.shape and g_mask is None
+    assert torch.equal(g_off, torch.zeros_like(offset))
+    assert torch.equal(g_w, torch.zeros_like(weight))
+    torch.testing.assert_close(g_b, grad_output.sum((0, 2, 3)), rtol=1e-6, atol=1e-6)

@@ -722,7 +722,9 @@ def forward(
     p = _Problem(input, offset, mask, kernel_size, stride, padding, dilation, group,
                  offset_scale, remove_center)  # fmt: skip
     out = torch.empty(p.rows, p.channels, dtype=p.dtype)
-    if p.rows > 0:
+    if p.rows > 0 and p.x.shape[0] == 0:  # an empty input map (padding alone): samples read 0
+        out.zero_()
+    elif p.rows > 0:
         _numba_threads.launch(
             _forward, *p.common(), out.numpy(), *p.sizes(), *p.points_per_row(), p.scale
         )
@@ -755,10 +757,12 @@ def backward(
     per_range, block = _task_split(p.n, group, c_g)
     n_blocks = -(-c_g // block)
     gout = grad_output.detach().to(p.dtype).contiguous().reshape(p.rows, p.channels)
-    gx = torch.empty_like(p.x) if p.rows > 0 else torch.zeros_like(p.x)  # the kernel zeroes it
+    # an empty input map (padding alone gives the output): no sample reads a pixel
+    launch = p.rows > 0 and p.x.shape[0] > 0
+    gx = torch.empty_like(p.x) if launch else torch.zeros_like(p.x)  # the kernel zeroes it
     g_off = p.x.new_empty(n_blocks, *p.off.shape)
     g_mask = p.x.new_empty(n_blocks, *p.mask.shape)
-    if p.rows > 0:
+    if launch:
         _numba_threads.launch(
             _backward, *p.common(), gout.numpy(), gx.numpy(), g_off.numpy(), g_mask.numpy(),
             *p.sizes(), *p.points_per_row(), p.scale, block, per_range,

@@ -1166,6 +1166,9 @@ def forward(
     """
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     b = torch.zeros(p.c_out, dtype=p.dtype) if bias is None else bias.detach().to(p.dtype)
+    if p.pixels == 0:  # an empty input map (padding alone gives the output): samples read 0
+        out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=input.dtype)
+        return out.copy_(b.view(1, -1, 1, 1))
     vectors = p.c_pg % LANES == 0 and (p.c_in // p.n_off) % LANES == 0
     if vectors and p.cog % WIDE == 0:  # channels-last rows, then one transpose
         out_rows = _scratch("out", p.n * p.length, p.c_out, p.dtype)
@@ -1244,7 +1247,8 @@ def backward(
     slots = max(1, min(p.n, SLOTS))
     block = _channel_block(c_per, slots * p.n_off)
     n_blocks = max(1, -(-c_per // block))
-    launch = rows_out > 0 and (need_x or need_om or need_w)
+    # an empty input map: every sample reads 0, so no gradient reaches an offset or weight
+    launch = rows_out > 0 and p.pixels > 0 and (need_x or need_om or need_w)
     # the kernel zeroes the part of gx that each task owns
     gx = _scratch("gx", p.pixels, p.c_in, p.dtype)
     if not (launch and need_x):

@@ -174,6 +174,10 @@ def _flat_problem(
     g = torch.arange(group, device=input.device)[None, :, None]
     # Row of (pixel, group) in the (N·H·W·G, C_g) view of the channels-last input.
     rows = [(image * (height * width) + i) * group + g for i in indices]
+    if height * width == 0:  # an empty map (padding alone gives the output): every corner's
+        # weight is 0 and its index would lie before the map; all read one zero row instead
+        zero_row = input.reshape(-1, c_g).sum(0, keepdim=True)  # no rows: zeros, in the graph
+        return zero_row, ([torch.zeros_like(r) for r in rows], weights, valid, inside, fractions)
     return input.reshape(-1, c_g), (rows, weights, valid, inside, fractions)
 
 
@@ -263,6 +267,8 @@ def backward(
     """
     dt = _compute_dtype(input.dtype)
     x_in, off, m_in = input.to(dt), offset.to(dt), mask.to(dt)
+    if input.shape[1] * input.shape[2] == 0:  # an empty map: no sample reads a pixel
+        return torch.zeros_like(input), torch.zeros_like(offset), torch.zeros_like(mask)
     channels = input.shape[-1]
     c_g = channels // group
     x2, (rows, weights, valid, inside, (ly, lx, hy, hx)) = _flat_problem(

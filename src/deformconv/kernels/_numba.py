@@ -174,18 +174,28 @@ _corners_fn = numba.njit(**_options)(_corners.py_func)
 
 
 @numba.njit(inline="always")
-def _taps8(
-    base_y, base_x, off2, mask2, has_mask, k, ro, rm, p_l, fh, fw, one, tab
-):  # pragma: no cover
+def _flat_offsets(off, mask):  # pragma: no cover
+    """``off`` (N, G, K, 2, L) as (N·G·K·2, L) rows and ``mask`` (N, G, K, L) as (N·G·K, L).
+
+    Views for :func:`_taps8`: image b, offset group g, kernel point k has its Δy and Δx in
+    rows 2·rm and 2·rm + 1 and its mask in row rm, rm = (b·G + g)·K + k.
+    """
+    n, n_off, n_k, _, length = off.shape
+    flat_mask = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    return off.reshape(n * n_off * n_k * 2, length), flat_mask
+
+
+@numba.njit(inline="always")
+def _taps8(base_y, base_x, off2, mask2, has_mask, k, rm, p_l, fh, fw, one, tab):  # pragma: no cover
     """The taps of the eight output pixels p_l .. p_l + 8 at kernel point k, into ``tab``.
 
-    ``off2[ro]`` holds their Δy, ``off2[ro + 1]`` their Δx, ``mask2[rm]`` their mask. The
-    table as :func:`~deformconv.kernels._taps.vtaps` fills it: bitwise the scalar path's
-    values (:func:`_corners`); a point outside the map gets weights 0 at the corner (0, 0),
-    as the scalar path's 0 at the image's first pixel.
+    ``off2``, ``mask2``: :func:`_flat_offsets`; ``rm``: the pixels' row there. The table as
+    :func:`~deformconv.kernels._taps.vtaps` fills it: bitwise the scalar path's values
+    (:func:`_corners`); a point outside the map gets weights 0 at the corner (0, 0), as the
+    scalar path's 0 at the image's first pixel.
     """
-    yy = vadd(vload(base_y, k, p_l), vload(off2, ro, p_l))
-    xx = vadd(vload(base_x, k, p_l), vload(off2, ro + 1, p_l))
+    yy = vadd(vload(base_y, k, p_l), vload(off2, 2 * rm, p_l))
+    xx = vadd(vload(base_x, k, p_l), vload(off2, 2 * rm + 1, p_l))
     m = vload(mask2, rm, p_l) if has_mask else vsplat(one)
     vtaps(tab, 0, yy, xx, m, fh, fw, one)
 
@@ -291,8 +301,7 @@ def _im2col_rows8(
     # path's columns), the other rows by _im2col_rows.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     one = x.dtype.type(1)
-    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
-    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    off2, mask2 = _flat_offsets(off, mask)
     tab = np.empty((FIELDS, LANES), dtype=x.dtype)
     fh = x.dtype.type(height)
     fw = x.dtype.type(width)
@@ -313,7 +322,7 @@ def _im2col_rows8(
             kc = np.uint64(k * c_pg)
             for g in range(n_off):
                 rm = (b * n_off + g) * n_k + k
-                _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab)
+                _taps8(base_y, base_x, off2, mask2, has_mask, k, rm, p_l, fh, fw, one, tab)
                 for i in range(LANES):
                     i00, i01, i10, i11 = corner_rows(tab, i, pix, width)
                     _blend(
@@ -483,8 +492,7 @@ def _make_col2im_tasks(rows8: bool) -> Any:
         one = x.dtype.type(1)
         zero = one - one
         if rows8:
-            off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
-            mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+            off2, mask2 = _flat_offsets(off, mask)
             tabs = np.empty((n_k, FIELDS, LANES), dtype=x.dtype)  # eight rows' taps, all k
             fh = x.dtype.type(height)
             fw = x.dtype.type(width)
@@ -511,8 +519,8 @@ def _make_col2im_tasks(rows8: bool) -> Any:
                     if eight:
                         for k in range(n_k):
                             rm = (b * n_off + g) * n_k + k
-                            _taps8(base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l,
-                                   fh, fw, one, tabs[k])  # fmt: skip
+                            _taps8(base_y, base_x, off2, mask2, has_mask, k, rm, p_l, fh, fw,
+                                   one, tabs[k])  # fmt: skip
                 for i in range(LANES if eight else 1):
                     for k in range(n_k):
                         inside = False

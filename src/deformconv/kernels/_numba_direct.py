@@ -105,7 +105,13 @@ from torch import Tensor
 
 from deformconv.kernels import _numba_threads
 from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
-from deformconv.kernels._numba import _base_grid, _compute_dtype, _corners, _taps8
+from deformconv.kernels._numba import (
+    _base_grid,
+    _compute_dtype,
+    _corners,
+    _flat_offsets,
+    _taps8,
+)
 from deformconv.kernels._simd import (
     LANES,
     WIDE,
@@ -262,8 +268,7 @@ def _forward_depthwise(
     fw = x.dtype.type(width)
     wzero = vsplatw(one - one)
     vzero = vsplat(one - one)
-    off2 = off.reshape(off.shape[0] * n_off * n_k * 2, length)
-    mask2 = mask.reshape(mask.shape[0] * mask.shape[1] * mask.shape[2], mask.shape[3])
+    off2, mask2 = _flat_offsets(off, mask)
     n_rows = out.shape[0]
     n_tasks = (n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for t in numba.prange(n_tasks):
@@ -288,9 +293,7 @@ def _forward_depthwise(
             for k in range(n_k):
                 for g in range(n_off):
                     rm = (b * n_off + g) * n_k + k
-                    _taps8(
-                        base_y, base_x, off2, mask2, has_mask, k, 2 * rm, rm, p_l, fh, fw, one, tab
-                    )
+                    _taps8(base_y, base_x, off2, mask2, has_mask, k, rm, p_l, fh, fw, one, tab)
                     c0 = np.uint64(g) * c_per
                     for i in range(LANES):
                         if tab[OK, i] == 0:  # outside the map: adds nothing (as the scalar path)

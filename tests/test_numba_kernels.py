@@ -326,7 +326,7 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("route", ["onednn", "mm", "mixed", "sliced"])
+@pytest.mark.parametrize("route", ["onednn", "mm", "mixed"])
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -339,10 +339,10 @@ _onednn = pytest.importorskip("deformconv.kernels._onednn")
     ids=["dense", "wide_groups", "few_pixels", "few_pixels_groups"],
 )
 def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
-    # Each of the three GEMMs runs in oneDNN or torch.mm by its size; force each route
-    # (mixed: oneDNN for the output and the weight, mm for the grad columns, in chunks
-    # of one image; sliced: oneDNN, the weight gradient in slices of columns), check
-    # that it was taken, and compare with the reference.
+    # Each of the three GEMMs runs in oneDNN (a matrix product for one weight group, a
+    # 1x1 convolution for several) or torch.mm by its size; force each route (mixed:
+    # oneDNN for the output and the weight, mm for the grad columns, in chunks of one
+    # image), check that it was taken, and compare with the reference.
     calls = {"forward_rows": 0, "backward_rows": 0, "weight_rows_into": 0}
     for name in calls:
         real = getattr(_onednn, name)
@@ -353,19 +353,17 @@ def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
 
         monkeypatch.setattr(_onednn, name, counted)
     on = route != "mm"
+    monkeypatch.setattr(_onednn, "MIN_MULTIPLY_ADDS", 1 if on else 10**18)
     monkeypatch.setattr(_onednn, "MIN_ROWS", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MIN_ROWS_WIDE", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS", 1 if on else 10**9)
-    monkeypatch.setattr(_onednn, "MIN_WEIGHT_ROWS_SLICED", 1 if on else 10**9)
     monkeypatch.setattr(_onednn, "MAX_FRESH_BYTES", 0 if route == "mixed" else 2**40)
-    if route == "sliced":  # a dense weight gradient in uneven slices of a few columns
-        monkeypatch.setattr(_onednn, "MAX_WEIGHT_GRAD_ELEMENTS", 50)
     if route == "mixed":
         row_bytes = 2 * cfg.in_channels * 9 * 4
         monkeypatch.setattr(_numba, "WORKSPACE_BYTES", cfg.size[0] * cfg.size[1] * row_bytes)
     x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
     _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
-    expected = {"forward_rows": on, "backward_rows": route in ("onednn", "sliced"), "weight_rows_into": on}  # fmt: skip
+    expected = {"forward_rows": on, "backward_rows": route == "onednn", "weight_rows_into": on}
     assert {name: n > 0 for name, n in calls.items()} == expected, calls
 
 
@@ -374,7 +372,7 @@ def test_gradients_without_the_weight_s_never_read_unfilled_columns(monkeypatch)
     # Without a weight gradient the backward skips im2col, and oneDNN's input gradient
     # gets the (unfilled) column workspace only for its shape: poisoned with NaN here,
     # the input and offset gradients must still equal the reference's.
-    monkeypatch.setattr(_onednn, "MIN_ROWS", 1)
+    monkeypatch.setattr(_onednn, "MIN_MULTIPLY_ADDS", 1)
     cfg = Config(batch=2, in_channels=8, out_channels=12, size=(9, 9))
     x, offset, weight, bias, _ = make_problem(cfg, dtype=torch.float32)
     geo = ((1, 1), (1, 1), (1, 1))
@@ -391,17 +389,30 @@ def test_gradients_without_the_weight_s_never_read_unfilled_columns(monkeypatch)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_weight_gradient_slices_match_a_float64_product(monkeypatch, accumulate):
-    # 13 output channels in slices of 5, 5 and 3 (a shorter last slice).
-    monkeypatch.setattr(_onednn, "MAX_WEIGHT_GRAD_ELEMENTS", 5 * 72)
-    assert _onednn._weight_slices(13, 72, 1) == 3
+def test_onednn_products_match_float64_products(groups, accumulate):
+    # The three products, with one weight group (oneDNN's matrix product) and three (its
+    # 1x1 convolution with groups), against float64 products written group by group.
     g = torch.Generator().manual_seed(0)
-    grad_rows, cols = torch.randn(50, 13, generator=g), torch.randn(50, 72, generator=g)
-    out = torch.randn(13, 72, generator=g)
-    expected = grad_rows.double().t() @ cols.double() + (out.double() if accumulate else 0)
-    _onednn.weight_rows_into(out, grad_rows, cols, 1, accumulate)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    rows, width, cog = 50, 24, 5
+    cols = torch.randn(rows, groups * width, generator=g)
+    weight = torch.randn(groups * cog, width, generator=g)
+    bias = torch.randn(groups * cog, generator=g)
+    grad_rows = torch.randn(rows, groups * cog, generator=g)
+    out = torch.randn(groups * cog, width, generator=g)
+    c64, w64, g64 = cols.double(), weight.double(), grad_rows.double()
+    parts = [(slice(i * width, (i + 1) * width), slice(i * cog, (i + 1) * cog)) for i in range(groups)]  # fmt: skip
+    want_y = torch.cat([c64[:, c] @ w64[o].t() for c, o in parts], dim=1) + bias.double()
+    want_gc = torch.cat([g64[:, o] @ w64[o] for _, o in parts], dim=1)
+    want_gw = torch.cat([g64[:, o].t() @ c64[:, c] for c, o in parts], dim=0)
+    want_gw = want_gw + (out.double() if accumulate else 0)
+    y = _onednn.forward_rows(cols, weight, bias, groups)
+    gc = _onednn.backward_rows(grad_rows, cols, weight, groups)
+    _onednn.weight_rows_into(out, grad_rows, cols, groups, accumulate)
+    for got, want in ((y, want_y), (gc, want_gc), (out, want_gw)):
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def _problem_with_special_offsets(in_channels, dtype, modulated, seed):

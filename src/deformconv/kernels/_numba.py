@@ -10,8 +10,9 @@ Forward, per chunk of output pixels (rows):
    (rows, groups, K_h·K_w, C_in/groups): one row per output pixel, each weight group's
    columns contiguous.
 2. the GEMM ``columns · Wᵀ`` into (rows, C_out), copied to NCHW: for float32 one
-   oneDNN 1x1 convolution over all weight groups with the bias fused
-   (:mod:`deformconv.kernels._onednn`; twice MKL's speed on a Zen 5 EPYC), else one BLAS
+   oneDNN product (a matrix product for one weight group, a 1x1 convolution over all
+   groups for several) with the bias fused (:mod:`deformconv.kernels._onednn`; twice
+   MKL's speed on a Zen 5 EPYC), else one BLAS
    GEMM per weight group. A BLAS chunk inside one image with no more pixels than output
    channels (small-batch inference of deep layers) computes ``W · columnsᵀ`` instead,
    which is the image's (C_out, pixels) block of the NCHW output: BLAS writes it in place
@@ -1018,7 +1019,8 @@ def forward(
         n0, n1 = r0 // p.length, -(-r1 // p.length)  # the images of the chunk
         l0 = r0 - n0 * p.length  # 0 unless the chunk is a slice of one image
         # all groups in one call, bias fused
-        if _onednn.pays_for_output(p.dtype, r1 - r0, p.c_out // p.groups):
+        width = p.row_width // p.groups
+        if _onednn.pays_for_output(p.dtype, r1 - r0, width, cog, p.groups):
             rows_all = _onednn.forward_rows(
                 *_onednn_operands(p, chunk), None if b is None else b[:, 0], p.groups
             )
@@ -1119,7 +1121,7 @@ def backward(
             p.dtype, r1 - r0, p.c_out, p.row_width // p.groups, p.groups
         )
         dnn_cols = want_cols and _onednn.pays_for_columns(
-            p.dtype, r1 - r0, p.row_width, p.c_out // p.groups
+            p.dtype, r1 - r0, p.row_width // p.groups, cog, p.groups
         )
         g_columns = None
         if dnn_cols:

@@ -8,6 +8,10 @@ against naive loops and torchvision in the core tests.
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -293,6 +297,48 @@ def test_bench_rounds_rotate_the_order():
     times = bench._interleaved_ms(steps, repeat=3, warmup=1)
     assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert {name: len(runs) for name, runs in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+_SETTLE_SCRIPT = """
+import ctypes, torch
+from deformconv.bench import cpu
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):  # glibc before 2.33
+    print("None None")
+    raise SystemExit
+libc.mallinfo2.restype = Mallinfo2
+
+def mapped_afresh(mib):  # whether glibc maps a block of this size afresh
+    before = libc.mallinfo2().hblks
+    block = torch.empty(int(mib * 2**20), dtype=torch.uint8)
+    mapped = libc.mallinfo2().hblks > before
+    del block  # freeing a mapped block raises the threshold to its size
+    return mapped
+
+print(mapped_afresh(30), end=" ")
+cpu._settle_allocator()
+print(mapped_afresh(30.5))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_bench_settles_the_allocator():
+    # A block of 30 MiB is mapped afresh (page faults on every use) until a mapped block
+    # that large has been freed; after _settle_allocator, blocks of up to 31 MiB come from
+    # memory the allocator keeps (30.5 MiB: above the 30 MiB block freed before).
+    run = subprocess.run(
+        [sys.executable, "-c", _SETTLE_SCRIPT], capture_output=True, text=True, check=True
+    )
+    cold, settled = run.stdout.split()
+    if cold != "True":
+        pytest.skip("no mallinfo2, or a fresh process keeps 30 MiB blocks already")
+    assert settled == "False"
 
 
 @pytest.mark.parametrize(

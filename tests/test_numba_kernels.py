@@ -398,7 +398,7 @@ def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
             return _real(*args, **kw)
 
         monkeypatch.setattr(_onednn, name, counted)
-    if route != "mm" and cfg.groups == 1 and not _onednn._HAS_MATMUL:
+    if route != "mm" and cfg.groups == 1 and not _onednn.matmul_works():
         pytest.skip("this PyTorch has no oneDNN matrix product")
     on = route != "mm"
     monkeypatch.setattr(_onednn, "MIN_MULTIPLY_ADDS", 1 if on else 10**18)
@@ -413,6 +413,28 @@ def test_gemm_routes_match_the_reference(monkeypatch, route, cfg):
     _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
     expected = {"forward_rows": on, "backward_rows": route == "onednn", "weight_rows_into": on}
     assert {name: n > 0 for name, n in calls.items()} == expected, calls
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_a_failing_onednn_matrix_product_falls_back_to_mm(monkeypatch):
+    # oneDNN's matrix product is a private PyTorch op: where it raises (or is missing),
+    # the one-time check turns it off and the products run in torch.mm, same results.
+    def broken(*args):
+        raise RuntimeError("unsupported here")
+
+    monkeypatch.setattr(_onednn, "_linear_op", lambda: broken)
+    monkeypatch.setattr(_onednn, "MIN_MULTIPLY_ADDS", 1)
+    _onednn.matmul_works.cache_clear()
+    try:
+        assert not _onednn.matmul_works()
+        cfg = Config(batch=2, in_channels=8, out_channels=12, size=(7, 6), mask=True)
+        x, offset, weight, bias, mask = make_problem(cfg, dtype=torch.float32)
+        _compare(x, offset, weight, bias, mask, call_kwargs(cfg), torch.float32)
+        monkeypatch.setattr(_onednn, "_linear_op", lambda: None)
+        _onednn.matmul_works.cache_clear()
+        assert not _onednn.matmul_works()
+    finally:
+        _onednn.matmul_works.cache_clear()
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -440,7 +462,7 @@ def test_gradients_without_the_weight_s_never_read_unfilled_columns(monkeypatch)
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_onednn_products_match_float64_products(groups, accumulate):
-    if groups == 1 and not _onednn._HAS_MATMUL:
+    if groups == 1 and not _onednn.matmul_works():
         pytest.skip("this PyTorch has no oneDNN matrix product")
     # The three products, with one weight group (oneDNN's matrix product) and three (its
     # 1x1 convolution with groups), against float64 products written group by group.

@@ -28,13 +28,16 @@ Both return fresh memory. Used for float32 where PyTorch has oneDNN
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "MAX_FRESH_BYTES", "MIN_MULTIPLY_ADDS", "MIN_ROWS", "MIN_ROWS_WIDE", "MIN_WEIGHT_ROWS",
-    "WIDE_OUTPUTS", "backward_rows", "forward_rows", "weight_rows_into",
+    "WIDE_OUTPUTS", "backward_rows", "forward_rows", "matmul_works", "weight_rows_into",
     "pays_for_columns", "pays_for_output", "pays_for_weight",
 ]  # fmt: skip
 
@@ -65,8 +68,33 @@ MIN_WEIGHT_ROWS = 600
 #: chunks keep ``torch.mm`` into the kept workspace.
 MAX_FRESH_BYTES = 32 * 2**20
 
-#: oneDNN's matrix product, when this build of PyTorch has it.
-_HAS_MATMUL = hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+def _linear_op() -> Any:
+    """The op of oneDNN's matrix product, or None where this PyTorch build has none."""
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+@functools.cache
+def matmul_works() -> bool:
+    """Whether oneDNN's matrix product runs here and computes ``a · bᵀ + bias``.
+
+    It is a private op of PyTorch's: checked once per process on small exact products
+    (row-major and transposed operands), so a build where it is missing, fails or takes
+    other arguments keeps ``torch.mm``.
+    """
+    op = _linear_op()
+    if op is None:
+        return False
+    a = torch.arange(20.0).view(4, 5)
+    b = torch.arange(15.0).view(3, 5)
+    c = torch.arange(12.0).view(4, 3)
+    bias = torch.arange(3.0)
+    try:
+        plain = op(a, b, bias, "none", [], "")  # (4, 3)
+        transposed = op(a.t(), c.t(), None, "none", [], "")  # (5, 3)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return torch.equal(plain, a @ b.t() + bias) and torch.equal(transposed, a.t() @ c)
 
 
 def _usable(dtype: torch.dtype) -> bool:
@@ -79,7 +107,7 @@ def _pays(rows: int, width: int, outputs: int, groups: int) -> bool:
     ``width``: one weight group's columns; ``outputs``: its output channels.
     """
     if groups == 1:
-        return _HAS_MATMUL and rows * width * outputs >= MIN_MULTIPLY_ADDS
+        return rows * width * outputs >= MIN_MULTIPLY_ADDS and matmul_works()
     return rows >= (MIN_ROWS_WIDE if outputs >= WIDE_OUTPUTS else MIN_ROWS)
 
 
@@ -112,7 +140,7 @@ def pays_for_columns(dtype: torch.dtype, rows: int, width: int, outputs: int, gr
 
 def _matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a · bᵀ (+ bias)`` in oneDNN: (M, K) and (N, K), row-major or transposed views."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return _linear_op()(a, b, bias, "none", [], "")
 
 
 def _as_map(rows: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -48,6 +49,10 @@ def _worker(rank: int, port: int, out: str) -> None:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
     finally:
         dist.destroy_process_group()
+    # The work is done and saved. PyTorch's own teardown at interpreter exit aborts now
+    # and then here ("terminate called without an active exception", 6 runs in 30 with a
+    # plain nn.Conv2d model and no deformconv layer): skip it.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

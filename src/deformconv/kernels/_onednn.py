@@ -10,8 +10,8 @@ op behind inductor's fused linear layers) computes ``a · bᵀ`` from plain row-
 operands, or transposed views of them, with no reorder of either operand; the bias is
 fused. Measured against oneDNN's 1x1 convolution over the same rows (which reorders the
 weight into its blocked layout on every call), on chunks of ResNet-50's res4 and res5 and
-of a 64-channel detection layer: the forward product 0.6-1.0x the time (res5 at batch 1,
-49 rows: 0.67 against 1.12 ms), the grad columns 0.85-0.97x, the weight gradient
+of a 64-channel detection layer: the forward product 0.65-1.0x the time (res5 at batch
+1, 49 rows: 0.58 against 0.89 ms), the grad columns 0.85-0.97x, the weight gradient
 0.3-1.0x (res5 at batch 8: 3.8 against 13.2 ms, which no longer needs slicing).
 
 Several weight groups: one 1x1 convolution with ``groups`` over the rows viewed as a map.

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import deformconv
+from deformconv.bench.cpu import settle_allocator
 
 SHAPES = [(8, 56, 56, 64, 4), (8, 28, 28, 128, 8), (8, 14, 14, 256, 16)]
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    settle_allocator()  # as a running model's: no one pays page faults on every call
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} threads; torch {torch.__version__}; deformconv {_commit()}; "

@@ -322,7 +322,7 @@ def mapped_afresh(mib):  # whether glibc maps a block of this size afresh
     return mapped
 
 print(mapped_afresh(30), end=" ")
-cpu._settle_allocator()
+cpu.settle_allocator()
 print(mapped_afresh(30.5))
 """
 
@@ -330,7 +330,7 @@ print(mapped_afresh(30.5))
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_bench_settles_the_allocator():
     # A block of 30 MiB is mapped afresh (page faults on every use) until a mapped block
-    # that large has been freed; after _settle_allocator, blocks of up to 31 MiB come from
+    # that large has been freed; after settle_allocator, blocks of up to 31 MiB come from
     # memory the allocator keeps (30.5 MiB: above the 30 MiB block freed before).
     run = subprocess.run(
         [sys.executable, "-c", _SETTLE_SCRIPT], capture_output=True, text=True, check=True

@@ -8,7 +8,7 @@ runs after ``warmup`` runs, the implementations taking turns in each round so th
 from other processes hits them alike, each round starting one implementation later so
 that none always follows the same other one. Offsets are random (std 1 px), so the bilinear
 gather does real work. Before timing, the C allocator is put into the state a process that
-has run a model for a while is in (:func:`_settle_allocator`), so that no implementation
+has run a model for a while is in (:func:`settle_allocator`), so that no implementation
 pays page faults that it would not pay in training or serving.
 
 Peak memory: for each layer and implementation a fresh subprocess builds the inputs, runs
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from deformconv.bench.suite import SUITE, Case
 
-__all__ = ["models_to_markdown", "run", "run_models", "to_markdown"]
+__all__ = ["models_to_markdown", "run", "run_models", "settle_allocator", "to_markdown"]
 
 
 IMPLS = ("conv2d", "deformconv", "torchvision")
@@ -104,7 +104,7 @@ def _step(impl: str, case: Case, t: dict[str, Any], backward: bool) -> Callable[
 _SETTLE_BYTES = 31 << 20
 
 
-def _settle_allocator() -> None:
+def settle_allocator() -> None:
     """Free one mapped 31 MiB block, so the C allocator keeps blocks up to that size."""
     block = torch.empty(_SETTLE_BYTES, dtype=torch.uint8)
     del block
@@ -295,7 +295,7 @@ def run(
     if first_call:
         result["first_call_s"] = _first_call_seconds(threads)
         say(f"first call: {result['first_call_s']}")
-    _settle_allocator()
+    settle_allocator()
     for case in cases:
         case = Case(**{f: getattr(case, f) for f in Case.__dataclass_fields__})
         row: dict[str, Any] = {"case": asdict(case), "ms": {}, "runs_ms": {}, "peak_mib": {}}
@@ -448,7 +448,7 @@ def run_models(
         :func:`models_to_markdown`.
     """
     torch.set_num_threads(threads)
-    _settle_allocator()
+    settle_allocator()
     say = progress or (lambda line: None)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     rows = []

@@ -95,9 +95,6 @@ are clamped into the map; 64-bit indices).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numba
 import numpy as np
 import torch
@@ -110,6 +107,8 @@ from deformconv.kernels._numba import (
     _compute_dtype,
     _corners,
     _flat_offsets,
+    _jit,
+    _serial_jit,
     _taps8,
 )
 from deformconv.kernels._simd import (
@@ -158,13 +157,6 @@ _MIN_TASKS = 8
 
 #: Forward rows per parallel task (each task allocates its scratch once).
 _ROWS_PER_TASK = 32
-
-_jit: Callable[[Any], Any] = numba.njit(
-    parallel=True, cache=True, nogil=True, fastmath=False, error_model="numpy"
-)
-_serial_jit: Callable[[Any], Any] = numba.njit(
-    cache=True, nogil=True, fastmath=False, error_model="numpy"
-)
 
 
 def prefers_direct(c_in: int, c_out: int, groups: int) -> bool:

@@ -911,8 +911,13 @@ class _Problem:
         return self.weight.reshape(self.groups, cog, self.c_pg * self.k)[g]
 
     @property
+    def group_width(self) -> int:
+        """One weight group's columns in a row: K·C_pg."""
+        return self.k * self.c_pg
+
+    @property
     def row_width(self) -> int:
-        return self.groups * self.k * self.c_pg
+        return self.groups * self.group_width
 
     def _common(self) -> tuple[object, ...]:
         return (
@@ -978,7 +983,7 @@ class _Problem:
 
     def group_columns(self, cols: Tensor, g: int) -> Tensor:
         """(R, K·C_pg) view of weight group g's columns (row stride = row_width)."""
-        width = self.k * self.c_pg
+        width = self.group_width
         return cols[:, g * width : (g + 1) * width]
 
 
@@ -1019,8 +1024,7 @@ def forward(
         n0, n1 = r0 // p.length, -(-r1 // p.length)  # the images of the chunk
         l0 = r0 - n0 * p.length  # 0 unless the chunk is a slice of one image
         # all groups in one call, bias fused
-        width = p.row_width // p.groups
-        if _onednn.pays_for_output(p.dtype, r1 - r0, width, cog, p.groups):
+        if _onednn.pays_for_output(p.dtype, r1 - r0, p.group_width, cog, p.groups):
             rows_all = _onednn.forward_rows(
                 *_onednn_operands(p, chunk), None if b is None else b[:, 0], p.groups
             )
@@ -1104,8 +1108,8 @@ def backward(
         gx = gx.view(n_gx, p.x2.shape[0], p.c_in)
     gw_mat = None  # written by the first chunk (beta 0), zero when there is none
     if want_w:
-        gw_mat = _scratch("dense_gw", p.c_out, p.row_width // p.groups, p.dtype)
-        gw_mat = gw_mat.view(p.groups, cog, p.row_width // p.groups)
+        gw_mat = _scratch("dense_gw", p.c_out, p.group_width, p.dtype)
+        gw_mat = gw_mat.view(p.groups, cog, p.group_width)
         if not chunks:
             gw_mat.zero_()
     g_off = p.x.new_empty(n_blocks, *p.off.shape) if want_off else None
@@ -1118,10 +1122,10 @@ def backward(
         if gw_mat is not None:
             p.im2col(chunk, r0)
         dnn_w = gw_mat is not None and _onednn.pays_for_weight(
-            p.dtype, r1 - r0, p.c_out, p.row_width // p.groups, p.groups
+            p.dtype, r1 - r0, p.c_out, p.group_width, p.groups
         )
         dnn_cols = want_cols and _onednn.pays_for_columns(
-            p.dtype, r1 - r0, p.row_width // p.groups, cog, p.groups
+            p.dtype, r1 - r0, p.group_width, cog, p.groups
         )
         g_columns = None
         if dnn_cols:

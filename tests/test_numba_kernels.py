@@ -507,13 +507,16 @@ def _problem_with_special_offsets(in_channels, dtype, modulated, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("modulated", [False, True])
-def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated):
+@pytest.mark.parametrize("in_channels", [10, 42])
+def test_im2col_eight_pixel_taps_equal_one_pixel_taps(dtype, modulated, in_channels):
     # Large calls' im2col finds eight pixels' taps in vectors where eight pixels of one
-    # image follow each other in the rows it fills, else (and in small calls) one pixel's
-    # at a time: both must give the same columns, bit for bit, on positions inside, on the
-    # border of and outside the map (NaN, ±inf, huge), with and without a mask. 63 pixels
-    # per image: each image ends inside a group of eight.
-    p, _ = _problem_with_special_offsets(10, dtype, modulated, seed=5)
+    # image follow each other in the rows it fills, and blends their channels in wide
+    # vectors, else (and in small calls) one pixel and one channel at a time: both must
+    # give the same columns, bit for bit, on positions inside, on the border of and
+    # outside the map (NaN, ±inf, huge), with and without a mask. 63 pixels per image:
+    # each image ends inside a group of eight. 42 channels: runs of 21 per offset group,
+    # one wide vector (16 lanes with AVX-512, else 8) and the rest one at a time.
+    p, _ = _problem_with_special_offsets(in_channels, dtype, modulated, seed=5)
     rows = p.n * p.length
     common = p._common()
     runs = _numba._runs_table(p.c_in, p.n_off, p.c_pg, p.k, p.c_in // p.n_off, 1)

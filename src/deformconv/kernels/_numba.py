@@ -86,10 +86,15 @@ from deformconv.kernels._layout import (
 )
 from deformconv.kernels._simd import (
     LANES,
+    WIDE,
     vadd,
     vload,
+    vloadas,
+    vmul,
     vmuladd,
     vsplat,
+    vsplatas,
+    vsplatw,
     vstore,
     vsum4,
 )  # fmt: skip
@@ -279,6 +284,39 @@ def _im2col_rows(
                 )  # fmt: skip
 
 
+@numba.njit(inline="always")
+def _blend8(x, cols, r, tab, pix, width, cu, cnt, col, like):  # pragma: no cover
+    """One channel run (channels cu .. cu + cnt, columns col ..) of the rows r .. r + 8.
+
+    :func:`_blend`'s sums from the eight rows' taps in ``tab``: whole vectors as wide as
+    ``like`` (the same products and adds in the same order, so bitwise the same), then
+    one channel at a time. Kept apart from the run loop so that nothing the stores could
+    alias (the runs table, the taps) is read in the channel loop.
+    """
+    full = cnt - cnt % WIDE
+    for i in range(LANES):
+        i00, i01, i10, i11 = corner_rows(tab, i, pix, width)
+        w00, w01, w10, w11 = tab[W00, i], tab[W01, i], tab[W10, i], tab[W11, i]
+        s00, s01 = vsplatas(w00, like), vsplatas(w01, like)
+        s10, s11 = vsplatas(w10, like), vsplatas(w11, like)
+        row = r + i
+        for j in range(0, full, WIDE):
+            c = cu + j
+            v = vadd(
+                vadd(
+                    vadd(vmul(s00, vloadas(x, i00, c, like)), vmul(s01, vloadas(x, i01, c, like))),
+                    vmul(s10, vloadas(x, i10, c, like)),
+                ),
+                vmul(s11, vloadas(x, i11, c, like)),
+            )
+            vstore(cols, row, col + j, v)
+        for j in range(full, cnt):
+            c = cu + j
+            cols[row, col + j] = (
+                w00 * x[i00, c] + w01 * x[i01, c] + w10 * x[i10, c] + w11 * x[i11, c]
+            )
+
+
 @_serial_jit
 def _im2col_rows8(
     x,
@@ -298,10 +336,12 @@ def _im2col_rows8(
     r_hi,
 ):  # pragma: no cover
     # _im2col_rows for large calls: eight pixels of one image at a time where they follow
-    # each other in the rows (their taps found in vectors, _taps8: bitwise the one-pixel
-    # path's columns), the other rows by _im2col_rows.
+    # each other in the rows (their taps found in vectors, _taps8, and their channels
+    # blended in wide vectors, _blend8: bitwise the one-pixel path's columns), the other
+    # rows by _im2col_rows.
     n_off, n_k, length = off.shape[1], off.shape[2], off.shape[4]
     one = x.dtype.type(1)
+    like = vsplatw(one)
     off2, mask2 = _flat_offsets(off, mask)
     tab = np.empty((FIELDS, LANES), dtype=x.dtype)
     fh = x.dtype.type(height)
@@ -320,15 +360,14 @@ def _im2col_rows8(
             continue
         pix = b * height * width
         for k in range(n_k):
-            kc = np.uint64(k * c_pg)
+            kc = k * c_pg
             for g in range(n_off):
                 rm = (b * n_off + g) * n_k + k
                 _taps8(base_y, base_x, off2, mask2, has_mask, k, rm, p_l, fh, fw, one, tab)
-                for i in range(LANES):
-                    i00, i01, i10, i11 = corner_rows(tab, i, pix, width)
-                    _blend(
-                        x, cols, r + i, kc, i00, i01, i10, i11, tab[W00, i], tab[W01, i],
-                        tab[W10, i], tab[W11, i], first[g], first[g + 1], runs,
+                for q in range(first[g], first[g + 1]):  # runs inside one weight group
+                    _blend8(
+                        x, cols, r, tab, pix, width, np.int64(runs[0, q]),
+                        np.int64(runs[1, q]), np.int64(runs[2, q]) + kc, like,
                     )  # fmt: skip
         r += LANES
 

@@ -1,8 +1,12 @@
 """Where the numba backend's time goes: ``python benchmarks/profile_cpu.py [--threads 2]``.
 
-Wraps the two Numba kernels (``_im2col``, ``_col2im``) with timers and runs the kernel
-module's ``forward`` and ``backward`` on each layer of the benchmark suite; everything
-else (BLAS GEMMs, layout copies) is the remainder. Prints the median of 5 runs in ms.
+Wraps the two Numba kernels (``_im2col``, ``_col2im``) and the matrix products (oneDNN's
+and ``torch.mm``) with timers and runs the kernel module's ``forward`` and ``backward``
+on each layer of the benchmark suite, interleaved with ``F.conv2d``'s forward and
+forward + backward on the same tensors; everything else (layout copies, Python) is the
+remainder. Prints the median of 7 runs in ms, and the matrix products' time as a
+multiple of ``F.conv2d``'s: the ratio to ``F.conv2d`` that this design cannot go below
+unless its products get faster, whatever the gather and the copies cost.
 
 ``--crossover``: instead, times the two formulations of a grouped convolution side by
 side, column + GEMM (``kernels/_numba.py``) and direct (``kernels/_numba_direct.py``),
@@ -13,6 +17,7 @@ forward + backward over group widths ``C_in / groups`` from 1 to 128 (C = 256, 1
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -22,22 +27,57 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from deformconv.bench.cpu import _inputs  # noqa: E402
+from deformconv.bench.cpu import _inputs, settle_allocator  # noqa: E402
 from deformconv.bench.suite import SUITE, Case  # noqa: E402
 from deformconv.kernels import _numba as K  # noqa: E402
 from deformconv.kernels import _numba_direct as D  # noqa: E402
+from deformconv.kernels import _onednn  # noqa: E402
 
-_spent = {"im2col": 0.0, "col2im": 0.0}
+_spent = {"im2col": 0.0, "col2im": 0.0, "gemm": 0.0}
+_RUNS = 7
 
 
-def _timed(name: str, kernel: Any) -> Callable[..., None]:
-    def wrapper(*args: Any) -> None:
+def _timed(name: str, kernel: Any) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        kernel(*args)
+        result = kernel(*args, **kwargs)
         _spent[name] += time.perf_counter() - start
+        return result
 
     return wrapper
+
+
+def _time_products() -> None:
+    """Route every matrix product of the kernel module through a timer."""
+    for name in ("forward_rows", "backward_rows", "weight_rows_into"):
+        setattr(_onednn, name, _timed("gemm", getattr(_onednn, name)))
+    K._gemm = _timed("gemm", K._gemm)  # type: ignore[assignment]
+    # The kernel module's own torch.mm calls (several weight groups, few pixels); this
+    # script's F.conv2d does not go through the Python attribute.
+    torch.mm = _timed("gemm", torch.mm)
+
+
+def _conv_fb(t: dict[str, Any], case: Case) -> None:
+    x, w, b = (t[k].detach().requires_grad_() for k in ("x", "w", "b"))
+    y = F.conv2d(x, w, b, stride=case.stride, padding=case.padding, groups=case.groups)
+    y.backward(t["grad"])
+
+
+def _median_row(fns: list[Callable[[], Any]]) -> list[list[float]]:
+    """Per function: the run (ms: total, im2col, col2im, GEMMs) of median total time."""
+    runs: list[list[list[float]]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    for _ in range(_RUNS):
+        for i, fn in enumerate(fns):
+            _spent.update(im2col=0.0, col2im=0.0, gemm=0.0)
+            start = time.perf_counter()
+            fn()
+            total = time.perf_counter() - start
+            runs[i].append([v * 1e3 for v in (total, *_spent.values())])
+    return [sorted(r)[len(r) // 2] for r in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,31 +89,42 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.crossover:
         return _crossover()
+    settle_allocator()
     K._im2col = _timed("im2col", K._im2col)  # type: ignore[assignment]
     K._col2im = _timed("col2im", K._col2im)  # type: ignore[assignment]
-    print("layer | forward ms: total, gather | backward ms: total, gather, col2im, rest")
+    _time_products()
+    print(
+        "layer | forward ms: conv2d, ours (gather, GEMMs, rest), GEMMs / conv2d"
+        " | forward + backward ms: conv2d, ours (gather, col2im, GEMMs, rest), GEMMs / conv2d"
+    )
     for shape in SUITE:
         case = Case(**{f: getattr(shape, f) for f in Case.__dataclass_fields__})
         t = _inputs(case, requires_grad=False)
         geo = ((case.stride,) * 2, (case.padding,) * 2, (1, 1))
         args_ = (t["x"], t["off"], t["mask"], t["w"], t["b"], *geo)
-        rows = []
-        calls = (
-            lambda a=args_: K.forward(*a),
-            lambda a=args_, g=t["grad"]: K.backward(g, *a),
+
+        def conv(t: dict[str, Any] = t, case: Case = case) -> None:
+            F.conv2d(t["x"], t["w"], t["b"], stride=case.stride, padding=case.padding)
+
+        def fwd_bwd(a: tuple[Any, ...] = args_, g: torch.Tensor = t["grad"]) -> None:
+            K.forward(*a)
+            K.backward(g, *a)
+
+        fwd, conv_f, fb, conv_fb = _median_row(
+            [
+                functools.partial(K.forward, *args_),
+                conv,
+                fwd_bwd,
+                functools.partial(_conv_fb, t, case),
+            ]
         )
-        for fn in calls:
-            fn()
-            runs = []
-            for _ in range(5):
-                _spent.update(im2col=0.0, col2im=0.0)
-                start = time.perf_counter()
-                fn()
-                runs.append((time.perf_counter() - start, _spent["im2col"], _spent["col2im"]))
-            runs.sort()
-            rows.append([v * 1e3 for v in runs[len(runs) // 2]])
-        (f, fi, _), (b, bi, bc) = rows
-        print(f"{case.name} | {f:.1f}, {fi:.1f} | {b:.1f}, {bi:.1f}, {bc:.1f}, {b - bi - bc:.1f}")
+        f, fi, _, fg = fwd
+        b, bi, bc, bg = fb
+        print(
+            f"{case.name} | {conv_f[0]:.1f}, {f:.1f} ({fi:.1f}, {fg:.1f}, {f - fi - fg:.1f}),"
+            f" {fg / conv_f[0]:.2f}x | {conv_fb[0]:.1f}, {b:.1f} ({bi:.1f}, {bc:.1f}, {bg:.1f},"
+            f" {b - bi - bc - bg:.1f}), {bg / conv_fb[0]:.2f}x"
+        )
     return 0
 
 

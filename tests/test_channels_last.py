@@ -60,3 +60,51 @@ def test_channels_last_model(path):
     for name, g in grads(model).items():  # nn.Conv2d sums in another order in channels_last
         atol = 1e-5 * expected_grads[name].abs().max().item()
         torch.testing.assert_close(g, expected_grads[name], rtol=1e-5, atol=atol, msg=name)
+
+
+# Shapes that take each formulation of the numba backend: one weight group through
+# oneDNN's matrix product (over 2**21 multiply-adds per chunk) and through torch.mm,
+# several groups on the column path (80 channels a group), the direct kernels (8 a
+# group) and depthwise; stride 2 and a mask on the way.
+NUMBA_LAYOUTS = {
+    "onednn": Config(batch=2, in_channels=64, out_channels=64, size=(20, 20)),
+    "mm": Config(batch=1, in_channels=8, out_channels=12, size=(9, 7), mask=True),
+    "column_groups": Config(batch=2, in_channels=160, out_channels=32, size=(6, 5), groups=2),
+    "direct": Config(batch=2, in_channels=32, out_channels=16, size=(8, 8), groups=4),
+    "depthwise": Config(batch=2, in_channels=16, out_channels=16, size=(9, 8), groups=16),
+    "stride2": Config(
+        batch=2, in_channels=24, out_channels=16, size=(11, 9), stride=(2, 2), mask=True,
+        offset_groups=2,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.skipif("numba" not in PATHS, reason="needs the numba backend")
+@pytest.mark.parametrize("name", list(NUMBA_LAYOUTS))
+def test_numba_reads_and_writes_channels_last(name):
+    # The numba kernels take a channels_last input and grad_output as they are and give
+    # the output and grad_input back channels_last; the values must be the reference's
+    # on the same tensors laid out NCHW.
+    cfg = NUMBA_LAYOUTS[name]
+    g = torch.Generator().manual_seed(3)
+    base = make_problem(cfg, dtype=torch.float32, offset_scale=1.0, generator=g)
+    kwargs = {"stride": cfg.stride, "padding": cfg.padding, "mask": base[4]}
+    x_cl = base[0].contiguous(memory_format=CL).requires_grad_(True)
+    offset, weight, bias = (t.clone().requires_grad_(True) for t in base[1:4])
+    with deformconv.use_backend("numba"):
+        out = deformconv.deform_conv2d(x_cl, offset, weight, bias, **kwargs)
+        grad = torch.randn(out.shape, generator=g).contiguous(memory_format=CL)
+        out.backward(grad)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    assert x_cl.grad is not None and x_cl.grad.is_contiguous(memory_format=CL)
+
+    ref = [t.detach().double().requires_grad_(True) for t in (base[0], offset, weight, bias)]
+    ref_kwargs = {**kwargs, "mask": None if base[4] is None else base[4].double()}
+    with deformconv.use_backend("reference"):
+        expected = deformconv.deform_conv2d(*ref, **ref_kwargs)
+        expected.backward(grad.double())
+    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
+    for got, want in zip((x_cl, offset, weight, bias), ref, strict=True):
+        assert got.grad is not None and want.grad is not None
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=1e-4 * scale)

@@ -228,6 +228,40 @@ def _channels_last_into(rows: Tensor, src: Tensor, with_sums: bool = False) -> T
     return sums if with_sums else None
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether 4-D ``t`` is laid out channels-last and not also plain contiguous.
+
+    Tensors that are both (one channel, or one pixel) count as plain, as torch's own
+    memory-format propagation treats them.
+    """
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def channels_last_rows(src: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """(N·H·W, C) rows viewing a channels-last ``src`` of ``dtype``, or None (a copy is due).
+
+    A channels-last tensor's memory already holds the rows: no copy, no scratch.
+    """
+    if src.dtype != dtype or not is_channels_last(src):
+        return None
+    n, c, h, w = src.shape
+    return src.detach().permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _rows_as_maps(rows: Tensor, n: int, h: int, w: int, channels_last: bool) -> Tensor:
+    """(N·H·W, C) rows as a new (N, C, H, W) tensor, channels-last or contiguous.
+
+    Channels-last is a plain copy of the rows (``rows`` may be scratch); contiguous is
+    :func:`_to_channels_first`.
+    """
+    if not channels_last:
+        return _to_channels_first(rows, n, h, w)
+    c = rows.shape[1]
+    out = torch.empty(n, h, w, c, dtype=rows.dtype)
+    out.view(n * h * w, c).copy_(rows)
+    return out.permute(0, 3, 1, 2)
+
+
 def _to_channels_first(rows: Tensor, n: int, h: int, w: int) -> Tensor:
     """(N·H·W, C) channels-last rows as a new contiguous (N, C, H, W) tensor."""
     c = rows.shape[1]

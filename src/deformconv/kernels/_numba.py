@@ -79,10 +79,12 @@ from deformconv.kernels import _numba_threads, _onednn
 from deformconv.kernels._chunks import plan_chunks
 from deformconv.kernels._layout import (
     _channels_last_into,
+    _rows_as_maps,
     _rows_into_maps,
     _scratch,
-    _to_channels_first,
     _transpose_each,
+    channels_last_rows,
+    is_channels_last,
 )
 from deformconv.kernels._simd import (
     LANES,
@@ -118,7 +120,15 @@ from deformconv.kernels._taps import (
 
 _numba_threads.configure()  # before the first parallel kernel runs
 
-__all__ = ["CHANNEL_BLOCK", "MIN_COL2IM_TASKS", "WORKSPACE_BYTES", "backward", "forward"]
+__all__ = [
+    "CHANNELS_LAST", "CHANNEL_BLOCK", "MIN_COL2IM_TASKS", "WORKSPACE_BYTES", "backward",
+    "forward",
+]  # fmt: skip
+
+#: The kernels read a channels-last ``input`` (and ``grad_output``) as they are, with no
+#: copy into NCHW first; the output and ``grad_input`` of a channels-last input come back
+#: channels-last (see ``ops/_library.py``).
+CHANNELS_LAST = True
 
 #: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
 #: columns plus the grad columns). Peak extra memory is about this cap plus the output (or
@@ -916,11 +926,15 @@ class _Problem:
         self.length = self.h_out * self.w_out
         self.n_off = offset.shape[1] // (2 * self.k)
         self.height, self.width = input.shape[2], input.shape[3]
-        # (N·H·W, C_in): channels-last, in a scratch buffer the thread keeps (no page faults)
+        # (N·H·W, C_in): channels-last; a channels-last input's own memory, else a copy in
+        # a scratch buffer the thread keeps (no page faults)
         pixels = self.n * self.height * self.width
-        self.x2 = _scratch("dense_x", pixels, self.c_in, dt)
+        rows = channels_last_rows(input, dt)
+        if rows is None:
+            rows = _scratch("dense_x", pixels, self.c_in, dt)
+            _channels_last_into(rows, input)
+        self.x2 = rows
         self.x = self.x2.view(self.n, self.height, self.width, self.c_in)
-        _channels_last_into(self.x2, input)
         shape = (self.n, self.n_off, self.k, 2, self.length)
         self.off = offset.detach().to(dt).contiguous().reshape(shape)
         self.has_mask = mask is not None
@@ -1026,6 +1040,26 @@ class _Problem:
         return cols[:, g * width : (g + 1) * width]
 
 
+def _forward_rows(p: _Problem, out_rows: Tensor, bias: Tensor | None) -> None:
+    """The forward into channels-last ``out_rows`` (N·L, C_out), chunk by chunk."""
+    cog = p.c_out // p.groups
+    b = None if bias is None else bias.detach().to(p.dtype)
+    row_bytes = p.row_width * p.x.element_size()
+    chunks = _chunks(p.n, p.length, row_bytes, _forward_chunk_bytes(row_bytes))
+    rows = max((r1 - r0 for r0, r1 in chunks), default=0)
+    (cols,) = _workspace(rows, p.row_width, 1, p.dtype)
+    for r0, r1 in chunks:
+        chunk = cols[: r1 - r0]
+        p.im2col(chunk, r0)
+        if _onednn.pays_for_output(p.dtype, r1 - r0, p.group_width, cog, p.groups):
+            out_rows[r0:r1].copy_(_onednn.forward_rows(*_onednn_operands(p, chunk), b, p.groups))
+            continue
+        for g in range(p.groups):  # BLAS writes the group's columns of the rows in place
+            c_lo, c_hi = g * cog, (g + 1) * cog
+            b_g = None if b is None else b[c_lo:c_hi]
+            _gemm(p.group_columns(chunk, g), p.w_mat[g].t(), b_g, out_rows[r0:r1, c_lo:c_hi])
+
+
 @_numba_threads.scoped
 def forward(
     input: Tensor,
@@ -1040,8 +1074,9 @@ def forward(
     """Deformable convolution forward; see :func:`deformconv.deform_conv2d` for shapes.
 
     Returns:
-        (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype (computed in float64 for
-        float64 inputs, float32 otherwise).
+        (N, C_out, H_out, W_out) in ``input``'s dtype (computed in float64 for float64
+        inputs, float32 otherwise); channels-last for a channels-last input (the GEMMs
+        write its rows in place of a transpose), else contiguous.
     """
     from deformconv.kernels import _numba_direct  # narrow groups: direct, no column buffer
 
@@ -1050,6 +1085,11 @@ def forward(
         return _numba_direct.forward(input, offset, mask, weight, bias, stride, padding, dilation)
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     cog = p.c_out // p.groups
+    if is_channels_last(input):  # the output's memory holds the GEMMs' rows as they are
+        out_rows = torch.empty(p.n * p.length, p.c_out, dtype=p.dtype)
+        _forward_rows(p, out_rows, bias)
+        out_cl = out_rows.view(p.n, p.h_out, p.w_out, p.c_out).permute(0, 3, 1, 2)
+        return out_cl.to(input.dtype)
     out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
     out_maps = out.view(p.n, p.c_out, p.length)
     b = None if bias is None else bias.detach().to(p.dtype).reshape(p.c_out, 1)
@@ -1214,5 +1254,5 @@ def backward(
         for i in range(1, n_gx):  # the row parts' partials, in a fixed order
             gx[0].add_(gx[i])
         n, _, h, w = input.shape
-        grad_input = _to_channels_first(gx[0], n, h, w).to(input.dtype)
+        grad_input = _rows_as_maps(gx[0], n, h, w, is_channels_last(input)).to(input.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

@@ -101,7 +101,12 @@ import torch
 from torch import Tensor
 
 from deformconv.kernels import _numba_threads
-from deformconv.kernels._layout import _channels_last_into, _scratch, _to_channels_first
+from deformconv.kernels._layout import (
+    _channels_last_into,
+    _rows_as_maps,
+    _scratch,
+    is_channels_last,
+)
 from deformconv.kernels._numba import (
     _base_grid,
     _compute_dtype,
@@ -1156,10 +1161,12 @@ def forward(
     Args and shapes as :func:`deformconv.kernels._numba.forward`.
 
     Returns:
-        (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype (computed in float64 for
-        float64 inputs, float32 otherwise).
+        (N, C_out, H_out, W_out) in ``input``'s dtype (computed in float64 for float64
+        inputs, float32 otherwise); channels-last for a channels-last input where the
+        kernel writes channels-last rows, else contiguous.
     """
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
+    cl = is_channels_last(input)  # the output in the input's memory format
     b = torch.zeros(p.c_out, dtype=p.dtype) if bias is None else bias.detach().to(p.dtype)
     if p.pixels == 0:  # an empty input map (padding alone gives the output): samples read 0
         out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=input.dtype)
@@ -1177,7 +1184,7 @@ def forward(
                 b.reshape(1, -1).contiguous().numpy(),
                 out_rows.numpy(),
             )
-        return _to_channels_first(out_rows, p.n, p.h_out, p.w_out).to(input.dtype)
+        return _rows_as_maps(out_rows, p.n, p.h_out, p.w_out, cl).to(input.dtype)
     if not p.depthwise:  # writes channels-first itself
         out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
         w_rows = p.weight.reshape(p.c_out, p.c_pg, p.k).transpose(1, 2).reshape(p.c_out, -1)
@@ -1203,7 +1210,7 @@ def forward(
             b.contiguous().numpy(),
             out_rows.numpy(),
         )
-    return _to_channels_first(out_rows, p.n, p.h_out, p.w_out).to(input.dtype)
+    return _rows_as_maps(out_rows, p.n, p.h_out, p.w_out, cl).to(input.dtype)
 
 
 @_numba_threads.scoped
@@ -1275,7 +1282,8 @@ def backward(
         grad_off = torch.zeros_like(grad_off)
     if not need_mask:
         grad_m = torch.zeros_like(grad_m)
-    grad_input = _to_channels_first(gx, p.n, p.height, p.width).to(input.dtype)
+    grad_input = _rows_as_maps(gx, p.n, p.height, p.width, is_channels_last(input))
+    grad_input = grad_input.to(input.dtype)
     grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
     grad_mask = grad_m.reshape(mask.shape).to(mask.dtype) if mask is not None else None
     # (K, cog, C_in) -> (C_out, C_pg, K_h, K_w)

@@ -25,9 +25,11 @@ gradient computed.
 
 What this layer does for every backend, so kernels need not:
     - Layout: arguments are made contiguous once, here (a channels_last input costs
-      one copy, never a slow kernel path); the output and the gradients are
-      contiguous, as the fake kernels say. :func:`deformconv.deform_conv2d` gives
-      the output back in the input's memory format.
+      one copy, never a slow kernel path), except that a kernel module whose optional
+      ``CHANNELS_LAST`` attribute is True gets a channels_last ``input`` and
+      ``grad_output`` as they are. The output and ``grad_input`` come back in the
+      input's memory format (channels_last, or contiguous), the other gradients
+      contiguous, as the fake kernels say.
     - Dtype: float16/bfloat16 arguments are computed in float32 and the results
       cast back, unless the kernel module lists the dtype in its optional
       ``NATIVE_DTYPES`` attribute (default: float32 and float64).
@@ -149,6 +151,23 @@ def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
+def _prepare_map(t: Tensor, dtype: torch.dtype, kernels: Any) -> Tensor:
+    """``input`` or ``grad_output`` for ``kernels``: channels_last kept where they take it."""
+    if getattr(kernels, "CHANNELS_LAST", False) and _is_channels_last(t):
+        return t.to(dtype)  # keeps the memory format
+    return t.to(dtype).contiguous()
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    # Both layouts at once (one channel, one pixel) counts as contiguous, as in torch.
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _format(input: Tensor) -> torch.memory_format:
+    """The memory format of the output and ``grad_input``: the input's."""
+    return torch.channels_last if _is_channels_last(input) else torch.contiguous_format
+
+
 @custom_op("deformconv::deform_conv2d")
 def deform_conv2d_op(
     input: Tensor,
@@ -175,20 +194,23 @@ def deform_conv2d_op(
         backend: the backend's name.
 
     Returns:
-        (N, C_out, H_out, W_out), contiguous, in ``input``'s dtype.
+        (N, C_out, H_out, W_out) in ``input``'s dtype and memory format (channels_last,
+        or contiguous).
     """
     # Validated here too, so that direct calls (TorchScript's) never reach a kernel unchecked.
     check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     kernels = _kernels(backend, input.device.type)
     dt = _compute_dtype(kernels, input.dtype)
-    args = [_prepare(t, dt) for t in (input, offset, mask, weight, bias)]
+    args: list[Tensor | None] = [_prepare_map(input, dt, kernels)]
+    args += [_prepare(t, dt) for t in (offset, mask, weight, bias)]
     out = kernels.forward(*args, _t(stride), _t(padding), _t(dilation))
-    return out.to(input.dtype).contiguous()
+    return out.to(input.dtype).contiguous(memory_format=_format(input))
 
 
 @deform_conv2d_op.register_fake
 def _(input, offset, mask, weight, bias, stride, padding, dilation, backend):  # type: ignore[no-untyped-def]
-    return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+    out = input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+    return out.contiguous(memory_format=_format(input))
 
 
 @custom_op("deformconv::deform_conv2d_backward")
@@ -207,8 +229,9 @@ def deform_conv2d_backward_op(
 ) -> list[Tensor]:
     """Gradients for (input, offset, mask, weight, bias); an empty tensor stands for None.
 
-    Each gradient is contiguous, with its argument's shape and dtype. ``needs_grad``
-    (5 bools) says which gradients to compute; the others come back empty.
+    Each gradient has its argument's shape and dtype; ``grad_input`` the input's memory
+    format, the others are contiguous. ``needs_grad`` (5 bools) says which gradients to
+    compute; the others come back empty.
     """
     device_type = input.device.type
     kernels = _kernels(backend, device_type)
@@ -219,15 +242,22 @@ def deform_conv2d_backward_op(
     dt = _compute_dtype(kernels, input.dtype)
     originals = (input, offset, mask, weight, bias)
     wanted = tuple(bool(w) and t is not None for w, t in zip(needs_grad, originals, strict=True))
-    args = [_prepare(t, dt) for t in (grad_output, *originals)]
+    args: list[Tensor | None] = [
+        _prepare_map(grad_output, dt, kernels),
+        _prepare_map(input, dt, kernels),
+    ]
+    args += [_prepare(t, dt) for t in (offset, mask, weight, bias)]
     geometry = (_t(stride), _t(padding), _t(dilation))
     if _takes_needs_grad(kernels.backward):
         grads = kernels.backward(*args, *geometry, needs_grad=wanted)
     else:
         grads = kernels.backward(*args, *geometry)
+    formats = [_format(input)] + [torch.contiguous_format] * 4
     return [
-        g.to(t.dtype).contiguous() if g is not None and t is not None and w else input.new_empty(0)
-        for g, t, w in zip(grads, originals, wanted, strict=True)
+        g.to(t.dtype).contiguous(memory_format=f)
+        if g is not None and t is not None and w
+        else input.new_empty(0)
+        for g, t, w, f in zip(grads, originals, wanted, formats, strict=True)
     ]
 
 
@@ -235,9 +265,12 @@ def deform_conv2d_backward_op(
 def _(
     grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs_grad
 ):  # type: ignore[no-untyped-def]
+    formats = [_format(input)] + [torch.contiguous_format] * 4
     return [
-        t.new_empty(t.shape) if t is not None and w else input.new_empty(0)
-        for t, w in zip((input, offset, mask, weight, bias), needs_grad, strict=True)
+        t.new_empty(t.shape).contiguous(memory_format=f)
+        if t is not None and w
+        else input.new_empty(0)
+        for t, w, f in zip((input, offset, mask, weight, bias), needs_grad, formats, strict=True)
     ]
 
 

@@ -288,6 +288,26 @@ def test_bench_runs_and_writes_markdown():
     assert set(result["geomean"]) >= {"deformconv/conv2d fwd", "deformconv/conv2d fwd+bwd"}
 
 
+def test_bench_channels_last_gives_every_implementation_channels_last():
+    from deformconv.bench import cpu as bench
+
+    tiny = bench.Case("tiny", 2, 8, 8, (6, 5))
+    t = bench._inputs(tiny, requires_grad=True, channels_last=True)
+    for name in ("x", "w", "grad"):
+        assert t[name].is_contiguous(memory_format=torch.channels_last), name
+        assert not t[name].is_contiguous(), name
+    plain = bench._inputs(tiny, requires_grad=True)
+    for name in ("x", "w", "b", "off", "grad"):  # the same values, only the layout differs
+        assert torch.equal(t[name], plain[name]), name
+    for impl in ("conv2d", "deformconv"):
+        assert bench._call(impl, tiny, t).is_contiguous(memory_format=torch.channels_last)
+    result = bench.run(
+        [tiny], threads=1, repeat=1, warmup=0, memory=False, first_call=False,
+        torchvision=False, channels_last=True,
+    )  # fmt: skip
+    assert "channels_last" in bench.to_markdown(result)
+
+
 def test_bench_rounds_rotate_the_order():
     # every implementation runs right after each other one, and as often as the others
     from deformconv.bench import cpu as bench

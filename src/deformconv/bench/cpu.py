@@ -46,7 +46,12 @@ __all__ = ["models_to_markdown", "run", "run_models", "settle_allocator", "to_ma
 IMPLS = ("conv2d", "deformconv", "torchvision")
 
 
-def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
+def _inputs(case: Case, requires_grad: bool, channels_last: bool = False) -> dict[str, Any]:
+    """The layer's tensors (seeded), ``grad`` being the output gradient.
+
+    With ``channels_last``, the input, weight and output gradient are laid out as a model
+    converted with ``model.to(memory_format=torch.channels_last)`` sees them.
+    """
     g = torch.Generator().manual_seed(0)
     k = case.kernel * case.kernel
     h_out, w_out = case.out_size
@@ -60,12 +65,15 @@ def _inputs(case: Case, requires_grad: bool) -> dict[str, Any]:
     if case.modulated:
         shape = (case.batch, case.offset_groups * k, h_out, w_out)
         mask = torch.rand(shape, generator=g)
+    grad = torch.randn(case.batch, case.out_channels, h_out, w_out, generator=g)
+    if channels_last:
+        x, w, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, grad))
     tensors = {"x": x, "w": w, "b": b, "off": off, "mask": mask}
     if requires_grad:
         for t in tensors.values():
             if t is not None:
                 t.requires_grad_()
-    tensors["grad"] = torch.randn(case.batch, case.out_channels, h_out, w_out, generator=g)
+    tensors["grad"] = grad
     return tensors
 
 
@@ -135,13 +143,15 @@ def _interleaved_ms(
     return times
 
 
-def _peak_memory_mib(impl: str, case: Case, threads: int) -> float | None:
+def _peak_memory_mib(
+    impl: str, case: Case, threads: int, channels_last: bool = False
+) -> float | None:
     """Growth of the peak RSS during one forward+backward, in a fresh subprocess."""
     code = (
         "import json, sys; from deformconv.bench import cpu as bench; "
         "print(json.dumps(bench._measure_peak(*json.loads(sys.argv[1]))))"
     )
-    arg = json.dumps([impl, asdict(case), threads])
+    arg = json.dumps([impl, asdict(case), threads, channels_last])
     done = subprocess.run(
         [sys.executable, "-c", code, arg], capture_output=True, text=True, check=False
     )
@@ -158,15 +168,17 @@ def _rss_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def _measure_peak(impl: str, case_fields: dict[str, Any], threads: int) -> float:
+def _measure_peak(
+    impl: str, case_fields: dict[str, Any], threads: int, channels_last: bool = False
+) -> float:
     """Subprocess side of :func:`_peak_memory_mib` (Linux: reads /proc/self/status)."""
     torch.set_num_threads(threads)
     case = Case(**{**case_fields, "size": tuple(case_fields["size"])})
     ch = case.groups * min(4, case.in_channels // case.groups)  # the same kernels as ``case``
     tiny = Case("tiny", 1, ch, ch, (6, 6), case.stride, 1, case.modulated, groups=case.groups)
-    tt = _inputs(tiny, True)
+    tt = _inputs(tiny, True, channels_last)
     _call(impl, tiny, tt).backward(tt["grad"])  # load JIT code, warm up allocators
-    t = _inputs(case, True)
+    t = _inputs(case, True, channels_last)
     # The peak (VmHWM) is per address space, so it starts afresh in this subprocess
     # (ru_maxrss would not: Linux carries it over from the parent across exec). Writing 5
     # to clear_refs resets it to the current RSS where allowed.
@@ -257,6 +269,7 @@ def run(
     torchvision: bool = True,
     first_call: bool = True,
     progress: Callable[[str], None] | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``cases``; returns a JSON-serialisable result (see :func:`to_markdown`).
 
@@ -269,6 +282,8 @@ def run(
         torchvision: include ``torchvision.ops.deform_conv2d`` when installed.
         first_call: measure the first-call (JIT) cost with a cold and a warm Numba cache.
         progress: called with a line of text as each measurement completes.
+        channels_last: every implementation gets its input, weight and output gradient
+            in ``torch.channels_last``, as in a model converted to that memory format.
     """
     import deformconv
 
@@ -290,6 +305,7 @@ def run(
         "repeat": repeat,
         "warmup": warmup,
         "load_before": os.getloadavg(),
+        "channels_last": channels_last,
         "cases": [],
     }
     if first_call:
@@ -300,7 +316,9 @@ def run(
         case = Case(**{f: getattr(case, f) for f in Case.__dataclass_fields__})
         row: dict[str, Any] = {"case": asdict(case), "ms": {}, "runs_ms": {}, "peak_mib": {}}
         for label, backward in (("fwd", False), ("fwd+bwd", True)):
-            steps = {i: _step(i, case, _inputs(case, backward), backward) for i in impls}
+            steps = {
+                i: _step(i, case, _inputs(case, backward, channels_last), backward) for i in impls
+            }
             times = _interleaved_ms(steps, repeat, warmup)
             for impl, runs in times.items():
                 row["ms"][f"{impl} {label}"] = statistics.median(runs)
@@ -308,7 +326,7 @@ def run(
                 say(f"{case.name}: {impl} {label} {statistics.median(runs):.1f} ms")
         if memory:
             for impl in impls:
-                row["peak_mib"][impl] = _peak_memory_mib(impl, case, threads)
+                row["peak_mib"][impl] = _peak_memory_mib(impl, case, threads, channels_last)
         result["cases"].append(row)
     result["load_after"] = os.getloadavg()
     result["geomean"] = _geomeans(result["cases"], impls)
@@ -345,6 +363,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Median of {result['repeat']} interleaved runs after {result['warmup']} warm-up "
         "runs; a ratio a / b > 1 means a is slower.",
     ]
+    if result.get("channels_last"):
+        lines.append(
+            "  \nInputs, weights and output gradients in `torch.channels_last` for every "
+            "implementation."
+        )
     if result.get("first_call_s"):
         fc = result["first_call_s"]
         parts = [f"{k.replace('_', ' ')} {s:.1f} s" for k, s in fc.items()]

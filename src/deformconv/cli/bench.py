@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-first-call", action="store_true", help="skip the first-call (JIT) measurement"
     )
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="give every implementation channels_last inputs, weights and gradients",
+    )
+    parser.add_argument(
         "--models",
         action="store_true",
         help="also time ResNet-50 and ResNeXt-50 (32x4d), plain and with deformify(last=3)",
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         torchvision=not args.no_torchvision,
         first_call=not args.no_first_call,
         progress=progress,
+        channels_last=args.channels_last,
     )
     text = bench.to_markdown(result)
     if args.large:
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             torchvision=False,
             first_call=False,
             progress=progress,
+            channels_last=args.channels_last,
         )
         result["large"] = large
         text += "\nMemory check (3 runs after 1 warm-up, no torchvision):\n\n" + bench.to_markdown(

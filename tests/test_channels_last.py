@@ -80,31 +80,38 @@ NUMBA_LAYOUTS = {
 
 
 @pytest.mark.skipif("numba" not in PATHS, reason="needs the numba backend")
+@pytest.mark.parametrize("input_layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("name", list(NUMBA_LAYOUTS))
-def test_numba_reads_and_writes_channels_last(name):
-    # The numba kernels take a channels_last input and grad_output as they are and give
-    # the output and grad_input back channels_last; the values must be the reference's
-    # on the same tensors laid out NCHW.
+def test_numba_reads_and_writes_channels_last(name, input_layout):
+    # The numba kernels take a channels_last input, weight and grad_output as they are
+    # (a model converted with .to(memory_format=torch.channels_last)) and give the
+    # output, grad_input and grad_weight back channels_last; also a channels_last weight
+    # with an NCHW input. The values must be the reference's on the same tensors laid
+    # out NCHW.
     cfg = NUMBA_LAYOUTS[name]
     g = torch.Generator().manual_seed(3)
     base = make_problem(cfg, dtype=torch.float32, offset_scale=1.0, generator=g)
     kwargs = {"stride": cfg.stride, "padding": cfg.padding, "mask": base[4]}
-    x_cl = base[0].contiguous(memory_format=CL).requires_grad_(True)
-    offset, weight, bias = (t.clone().requires_grad_(True) for t in base[1:4])
+    x_format = CL if input_layout == "channels_last" else torch.contiguous_format
+    x_cl = base[0].contiguous(memory_format=x_format).requires_grad_(True)
+    w_cl = base[2].contiguous(memory_format=CL).requires_grad_(True)
+    offset, bias = (t.clone().requires_grad_(True) for t in (base[1], base[3]))
     with deformconv.use_backend("numba"):
-        out = deformconv.deform_conv2d(x_cl, offset, weight, bias, **kwargs)
-        grad = torch.randn(out.shape, generator=g).contiguous(memory_format=CL)
+        out = deformconv.deform_conv2d(x_cl, offset, w_cl, bias, **kwargs)
+        grad = torch.randn(out.shape, generator=g).contiguous(memory_format=x_format)
         out.backward(grad)
-    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
-    assert x_cl.grad is not None and x_cl.grad.is_contiguous(memory_format=CL)
+    assert out.is_contiguous(memory_format=x_format)
+    assert out.is_contiguous() == (input_layout == "contiguous")
+    assert x_cl.grad is not None and x_cl.grad.is_contiguous(memory_format=x_format)
+    assert w_cl.grad is not None and w_cl.grad.is_contiguous(memory_format=CL)
 
-    ref = [t.detach().double().requires_grad_(True) for t in (base[0], offset, weight, bias)]
+    ref = [t.detach().double().requires_grad_(True) for t in (base[0], offset, base[2], bias)]
     ref_kwargs = {**kwargs, "mask": None if base[4] is None else base[4].double()}
     with deformconv.use_backend("reference"):
         expected = deformconv.deform_conv2d(*ref, **ref_kwargs)
         expected.backward(grad.double())
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
-    for got, want in zip((x_cl, offset, weight, bias), ref, strict=True):
+    for got, want in zip((x_cl, offset, w_cl, bias), ref, strict=True):
         assert got.grad is not None and want.grad is not None
         scale = want.grad.abs().max().item()
         torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=1e-4 * scale)

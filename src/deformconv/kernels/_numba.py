@@ -125,9 +125,10 @@ __all__ = [
     "forward",
 ]  # fmt: skip
 
-#: The kernels read a channels-last ``input`` (and ``grad_output``) as they are, with no
-#: copy into NCHW first; the output and ``grad_input`` of a channels-last input come back
-#: channels-last (see ``ops/_library.py``).
+#: The kernels read a channels-last ``input``, ``weight`` and ``grad_output`` as they are,
+#: with no copy into NCHW first (a channels-last weight is in the columns' order); the
+#: output, ``grad_input`` and ``grad_weight`` come back in their arguments' memory format
+#: (see ``ops/_library.py``).
 CHANNELS_LAST = True
 
 #: Cap, in bytes, on the column workspace of one chunk (forward: the columns; backward: the
@@ -861,9 +862,9 @@ def _weight_outweighs(p: _Problem, rows: int) -> bool:
     """Whether a weight group is four times larger than ``rows`` rows of its columns.
 
     Then reordering the few columns costs less than reordering the weight (deep layers at
-    batch 1).
+    batch 1), unless the weight is in their order already (channels-last).
     """
-    return 4 * rows <= p.c_out // p.groups
+    return 4 * rows <= p.c_out // p.groups and not p.weight_in_column_order
 
 
 def _few_pixel_operands(p: _Problem, cols: Tensor, g: int) -> tuple[Tensor, Tensor]:
@@ -950,8 +951,19 @@ class _Problem:
 
     @functools.cached_property
     def w_mat(self) -> Tensor:
-        """(groups, C_out/groups, K·C_pg): the weight in the columns' order."""
+        """(groups, C_out/groups, K·C_pg): the weight in the columns' order.
+
+        A channels-last weight is in that order already (a view, no copy).
+        """
+        if self.weight_in_column_order:
+            cog = self.c_out // self.groups
+            return self.weight.permute(0, 2, 3, 1).reshape(self.groups, cog, -1)
         return _weight_matrix(self.weight, self.groups, self.dtype)
+
+    @property
+    def weight_in_column_order(self) -> bool:
+        """Whether the weight is channels-last: (C_out, K_h, K_w, C_pg) in memory."""
+        return is_channels_last(self.weight)
 
     @property
     def w_rows(self) -> Tensor:
@@ -1241,7 +1253,12 @@ def backward(
         grad_offset = grad_off.reshape(offset.shape).to(offset.dtype)
         if mask is not None:
             grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
-    if gw_mat is not None:
+    if gw_mat is not None and p.weight_in_column_order:  # channels-last, as the weight
+        c_out, c_pg, k_h, k_w = weight.shape
+        grad_weight = torch.empty(c_out, k_h, k_w, c_pg, dtype=p.dtype)
+        grad_weight.view(c_out, -1).copy_(gw_mat.view(c_out, -1))  # fresh memory
+        grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
+    elif gw_mat is not None:
         # fresh memory, as every result: gw_mat is scratch that the next call reuses
         grad_weight = torch.empty(weight.shape, dtype=p.dtype)
         _transpose_each(gw_mat.view(p.c_out, p.k, p.c_pg), grad_weight.view(p.c_out, p.c_pg, p.k))

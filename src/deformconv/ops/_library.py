@@ -26,10 +26,10 @@ gradient computed.
 What this layer does for every backend, so kernels need not:
     - Layout: arguments are made contiguous once, here (a channels_last input costs
       one copy, never a slow kernel path), except that a kernel module whose optional
-      ``CHANNELS_LAST`` attribute is True gets a channels_last ``input`` and
-      ``grad_output`` as they are. The output and ``grad_input`` come back in the
-      input's memory format (channels_last, or contiguous), the other gradients
-      contiguous, as the fake kernels say.
+      ``CHANNELS_LAST`` attribute is True gets a channels_last ``input``, ``weight``
+      and ``grad_output`` as they are. The output comes back in the input's memory
+      format (channels_last, or contiguous), each gradient in its argument's, as the
+      fake kernels say.
     - Dtype: float16/bfloat16 arguments are computed in float32 and the results
       cast back, unless the kernel module lists the dtype in its optional
       ``NATIVE_DTYPES`` attribute (default: float32 and float64).
@@ -152,7 +152,7 @@ def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _prepare_map(t: Tensor, dtype: torch.dtype, kernels: Any) -> Tensor:
-    """``input`` or ``grad_output`` for ``kernels``: channels_last kept where they take it."""
+    """A 4-D argument for ``kernels``: channels_last kept where they take it."""
     if getattr(kernels, "CHANNELS_LAST", False) and _is_channels_last(t):
         return t.to(dtype)  # keeps the memory format
     return t.to(dtype).contiguous()
@@ -163,9 +163,11 @@ def _is_channels_last(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-def _format(input: Tensor) -> torch.memory_format:
-    """The memory format of the output and ``grad_input``: the input's."""
-    return torch.channels_last if _is_channels_last(input) else torch.contiguous_format
+def _format(t: Tensor | None) -> torch.memory_format:
+    """The memory format of a result laid out as ``t`` (the output as the input)."""
+    return (
+        torch.channels_last if t is not None and _is_channels_last(t) else torch.contiguous_format
+    )
 
 
 @custom_op("deformconv::deform_conv2d")
@@ -201,8 +203,10 @@ def deform_conv2d_op(
     check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     kernels = _kernels(backend, input.device.type)
     dt = _compute_dtype(kernels, input.dtype)
-    args: list[Tensor | None] = [_prepare_map(input, dt, kernels)]
-    args += [_prepare(t, dt) for t in (offset, mask, weight, bias)]
+    args = [
+        _prepare_map(input, dt, kernels), _prepare(offset, dt), _prepare(mask, dt),
+        _prepare_map(weight, dt, kernels), _prepare(bias, dt),
+    ]  # fmt: skip
     out = kernels.forward(*args, _t(stride), _t(padding), _t(dilation))
     return out.to(input.dtype).contiguous(memory_format=_format(input))
 
@@ -229,8 +233,8 @@ def deform_conv2d_backward_op(
 ) -> list[Tensor]:
     """Gradients for (input, offset, mask, weight, bias); an empty tensor stands for None.
 
-    Each gradient has its argument's shape and dtype; ``grad_input`` the input's memory
-    format, the others are contiguous. ``needs_grad`` (5 bools) says which gradients to
+    Each gradient has its argument's shape, dtype and memory format (channels_last, or
+    contiguous). ``needs_grad`` (5 bools) says which gradients to
     compute; the others come back empty.
     """
     device_type = input.device.type
@@ -242,17 +246,17 @@ def deform_conv2d_backward_op(
     dt = _compute_dtype(kernels, input.dtype)
     originals = (input, offset, mask, weight, bias)
     wanted = tuple(bool(w) and t is not None for w, t in zip(needs_grad, originals, strict=True))
-    args: list[Tensor | None] = [
-        _prepare_map(grad_output, dt, kernels),
-        _prepare_map(input, dt, kernels),
-    ]
-    args += [_prepare(t, dt) for t in (offset, mask, weight, bias)]
+    args = [
+        _prepare_map(grad_output, dt, kernels), _prepare_map(input, dt, kernels),
+        _prepare(offset, dt), _prepare(mask, dt), _prepare_map(weight, dt, kernels),
+        _prepare(bias, dt),
+    ]  # fmt: skip
     geometry = (_t(stride), _t(padding), _t(dilation))
     if _takes_needs_grad(kernels.backward):
         grads = kernels.backward(*args, *geometry, needs_grad=wanted)
     else:
         grads = kernels.backward(*args, *geometry)
-    formats = [_format(input)] + [torch.contiguous_format] * 4
+    formats = [_format(t) for t in originals]
     return [
         g.to(t.dtype).contiguous(memory_format=f)
         if g is not None and t is not None and w
@@ -265,12 +269,13 @@ def deform_conv2d_backward_op(
 def _(
     grad_output, input, offset, mask, weight, bias, stride, padding, dilation, backend, needs_grad
 ):  # type: ignore[no-untyped-def]
-    formats = [_format(input)] + [torch.contiguous_format] * 4
+    originals = (input, offset, mask, weight, bias)
+    formats = [_format(t) for t in originals]
     return [
         t.new_empty(t.shape).contiguous(memory_format=f)
         if t is not None and w
         else input.new_empty(0)
-        for t, w, f in zip((input, offset, mask, weight, bias), needs_grad, formats, strict=True)
+        for t, w, f in zip(originals, needs_grad, formats, strict=True)
     ]
 
 

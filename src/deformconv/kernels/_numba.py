@@ -1052,24 +1052,16 @@ class _Problem:
         return cols[:, g * width : (g + 1) * width]
 
 
-def _forward_rows(p: _Problem, out_rows: Tensor, bias: Tensor | None) -> None:
-    """The forward into channels-last ``out_rows`` (N·L, C_out), chunk by chunk."""
+def _rows_of_chunk(p: _Problem, chunk: Tensor, bias: Tensor | None, dst: Tensor) -> None:
+    """A chunk's output rows ``columns · Wᵀ (+ bias)`` into ``dst`` (R, C_out) rows."""
     cog = p.c_out // p.groups
-    b = None if bias is None else bias.detach().to(p.dtype)
-    row_bytes = p.row_width * p.x.element_size()
-    chunks = _chunks(p.n, p.length, row_bytes, _forward_chunk_bytes(row_bytes))
-    rows = max((r1 - r0 for r0, r1 in chunks), default=0)
-    (cols,) = _workspace(rows, p.row_width, 1, p.dtype)
-    for r0, r1 in chunks:
-        chunk = cols[: r1 - r0]
-        p.im2col(chunk, r0)
-        if _onednn.pays_for_output(p.dtype, r1 - r0, p.group_width, cog, p.groups):
-            out_rows[r0:r1].copy_(_onednn.forward_rows(*_onednn_operands(p, chunk), b, p.groups))
-            continue
-        for g in range(p.groups):  # BLAS writes the group's columns of the rows in place
-            c_lo, c_hi = g * cog, (g + 1) * cog
-            b_g = None if b is None else b[c_lo:c_hi]
-            _gemm(p.group_columns(chunk, g), p.w_mat[g].t(), b_g, out_rows[r0:r1, c_lo:c_hi])
+    if _onednn.pays_for_output(p.dtype, chunk.shape[0], p.group_width, cog, p.groups):
+        dst.copy_(_onednn.forward_rows(*_onednn_operands(p, chunk), bias, p.groups))
+        return
+    for g in range(p.groups):  # BLAS writes the group's columns of the rows in place
+        c_lo, c_hi = g * cog, (g + 1) * cog
+        b_g = None if bias is None else bias[c_lo:c_hi]
+        _gemm(p.group_columns(chunk, g), p.w_mat[g].t(), b_g, dst[:, c_lo:c_hi])
 
 
 @_numba_threads.scoped
@@ -1097,13 +1089,14 @@ def forward(
         return _numba_direct.forward(input, offset, mask, weight, bias, stride, padding, dilation)
     p = _Problem(input, offset, mask, weight, stride, padding, dilation)
     cog = p.c_out // p.groups
-    if is_channels_last(input):  # the output's memory holds the GEMMs' rows as they are
+    # A channels-last output's memory holds the GEMMs' rows as they are: no transpose.
+    out_rows = None
+    if is_channels_last(input):
         out_rows = torch.empty(p.n * p.length, p.c_out, dtype=p.dtype)
-        _forward_rows(p, out_rows, bias)
-        out_cl = out_rows.view(p.n, p.h_out, p.w_out, p.c_out).permute(0, 3, 1, 2)
-        return out_cl.to(input.dtype)
-    out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
-    out_maps = out.view(p.n, p.c_out, p.length)
+        out = out_rows.view(p.n, p.h_out, p.w_out, p.c_out).permute(0, 3, 1, 2)
+    else:
+        out = torch.empty(p.n, p.c_out, p.h_out, p.w_out, dtype=p.dtype)
+    out_maps = out.view(p.n, p.c_out, p.length) if out_rows is None else None
     b = None if bias is None else bias.detach().to(p.dtype).reshape(p.c_out, 1)
     row_bytes = p.row_width * p.x.element_size()
     chunks = _chunks(p.n, p.length, row_bytes, _forward_chunk_bytes(row_bytes))
@@ -1112,6 +1105,10 @@ def forward(
     for r0, r1 in chunks:
         chunk = cols[: r1 - r0]
         p.im2col(chunk, r0)
+        if out_rows is not None:
+            _rows_of_chunk(p, chunk, None if b is None else b[:, 0], out_rows[r0:r1])
+            continue
+        assert out_maps is not None
         n0, n1 = r0 // p.length, -(-r1 // p.length)  # the images of the chunk
         l0 = r0 - n0 * p.length  # 0 unless the chunk is a slice of one image
         # all groups in one call, bias fused

@@ -288,16 +288,22 @@ def test_bench_grouped_row_runs_against_grouped_conv2d():
     assert "| tiny grouped (2, 8→8, 5×4, g=4) |" in bench.to_markdown(result)
 
 
-def test_bench_model_rows():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bench_model_rows(channels_last):
     pytest.importorskip("torchvision")
     from deformconv.bench import cpu as bench
 
-    result = bench.run_models(["resnet18"], batch=2, size=64, threads=1, repeat=1, warmup=0)
+    result = bench.run_models(
+        ["resnet18"], batch=2, size=64, threads=1, repeat=1, warmup=0,
+        channels_last=channels_last,
+    )  # fmt: skip
     assert set(result["rows"][0]["ms"]) == {
         f"{variant} {label}"
         for variant in ("plain", "deformable", "torchvision") for label in ("train", "infer")
     }  # fmt: skip
-    assert "| resnet18 |" in bench.models_to_markdown(result)
+    table = bench.models_to_markdown(result)
+    assert "| resnet18 |" in table
+    assert ("channels_last" in table) == channels_last
 
 
 def test_torchvision_variant_computes_what_deformconv_computes():

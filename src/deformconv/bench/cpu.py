@@ -457,6 +457,7 @@ def run_models(
     repeat: int = 5,
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Model-level rows: each torchvision model plain and with ``deformify(last=3)``.
 
@@ -464,7 +465,8 @@ def run_models(
     inference (``eval()``, ``no_grad``) on random ``(batch, 3, size, size)`` images for
     three variants taking turns in each round: ``plain``, ``deformable`` and
     ``torchvision`` (the same deformable model computing its deformable convolutions with
-    ``torchvision.ops.deform_conv2d``). Needs torchvision.
+    ``torchvision.ops.deform_conv2d``). Needs torchvision. With ``channels_last``, the
+    models and the images are in ``torch.channels_last``.
 
     Returns:
         ``{"batch", "size", "threads", "rows": [{"model", "ms": {...}}]}``; see
@@ -474,12 +476,14 @@ def run_models(
     settle_allocator()
     say = progress or (lambda line: None)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
     rows = []
     for name in names:
         models = {
-            "plain": _model(name, False),
-            "deformable": _model(name, True),
-            "torchvision": _on_torchvision_op(_model(name, True)),
+            "plain": _model(name, False).to(memory_format=layout),
+            "deformable": _model(name, True).to(memory_format=layout),
+            "torchvision": _on_torchvision_op(_model(name, True)).to(memory_format=layout),
         }
         row: dict[str, Any] = {"model": name, "ms": {}}
         for label in ("train", "infer"):
@@ -503,7 +507,10 @@ def run_models(
                 row["ms"][f"{variant} {label}"] = statistics.median(runs)
                 say(f"{name}: {variant} {label} {statistics.median(runs):.0f} ms")
         rows.append(row)
-    return {"batch": batch, "size": size, "threads": threads, "repeat": repeat, "rows": rows}
+    return {
+        "batch": batch, "size": size, "threads": threads, "repeat": repeat, "rows": rows,
+        "channels_last": channels_last,
+    }  # fmt: skip
 
 
 def models_to_markdown(result: dict[str, Any]) -> str:
@@ -512,7 +519,8 @@ def models_to_markdown(result: dict[str, Any]) -> str:
         f"Batch {result['batch']} of {result['size']}×{result['size']} images, "
         f"{result['threads']} threads, median of {result['repeat']} interleaved runs; "
         "deformable = `deformify(model, last=3)`; on torchvision's op = the same deformable "
-        "model computing with `torchvision.ops.deform_conv2d`.",
+        "model computing with `torchvision.ops.deform_conv2d`."
+        + (" Models and images in `torch.channels_last`." if result.get("channels_last") else ""),
         "",
         "| model | train step plain | deformable | ratio | on torchvision's op | "
         "torchvision / deformconv | inference plain | deformable | ratio | "

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels-last",
         action="store_true",
-        help="give every implementation channels_last inputs, weights and gradients",
+        help="channels_last inputs, weights and gradients for every implementation (and models)",
     )
     parser.add_argument(
         "--models",
@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
             large
         )
     if args.models:
-        models = bench.run_models(threads=args.threads, progress=progress)
+        models = bench.run_models(
+            threads=args.threads, progress=progress, channels_last=args.channels_last
+        )
         result["models"] = models
         text += "\nModel level:\n\n" + bench.models_to_markdown(models)
     resolved = {k: v for k, v in vars(args).items() if k != "_run"}

@@ -1252,9 +1252,8 @@ def backward(
             grad_mask = grad_m.reshape(mask.shape).to(mask.dtype)
     if gw_mat is not None and p.weight_in_column_order:  # channels-last, as the weight
         c_out, c_pg, k_h, k_w = weight.shape
-        grad_weight = torch.empty(c_out, k_h, k_w, c_pg, dtype=p.dtype)
-        grad_weight.view(c_out, -1).copy_(gw_mat.view(c_out, -1))  # fresh memory
-        grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
+        gw_rows = gw_mat.view(c_out * k_h * k_w, c_pg)  # (C_out, K, C_pg): channels-last
+        grad_weight = _rows_as_maps(gw_rows, c_out, k_h, k_w, True).to(weight.dtype)
     elif gw_mat is not None:
         # fresh memory, as every result: gw_mat is scratch that the next call reuses
         grad_weight = torch.empty(weight.shape, dtype=p.dtype)

@@ -234,8 +234,8 @@ def deform_conv2d_backward_op(
     """Gradients for (input, offset, mask, weight, bias); an empty tensor stands for None.
 
     Each gradient has its argument's shape, dtype and memory format (channels_last, or
-    contiguous). ``needs_grad`` (5 bools) says which gradients to
-    compute; the others come back empty.
+    contiguous). ``needs_grad`` (5 bools) says which gradients to compute; the others
+    come back empty.
     """
     device_type = input.device.type
     kernels = _kernels(backend, device_type)

@@ -34,7 +34,7 @@ from torch import Tensor
 from deformconv._utils import IntPair
 from deformconv.kernels import reference
 from deformconv.ops import _backend, _onnx
-from deformconv.ops._library import deform_conv2d_op
+from deformconv.ops._library import _is_channels_last, deform_conv2d_op
 from deformconv.ops._validation import check_deform_conv2d
 
 __all__ = ["deform_conv2d"]
@@ -129,10 +129,6 @@ def _scripted(
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _autocast(

@@ -176,3 +176,20 @@ def test_visualize_writes_pngs_that_are_not_blank(tiny_run, tmp_path):
 def test_visualize_rejects_a_plain_checkpoint(tiny_run):
     with pytest.raises(SystemExit, match="plain model"):
         main(["visualize", "--checkpoint", str(tiny_run / "plain.pt")])
+
+
+def test_tables_round_once(tmp_path):
+    # 0.536549 is 53.7 % to one place; rounding it to 4 places first (0.5365 -> "53.6")
+    # would make the CSV-backed table disagree with the printed line.
+    from deformconv.demos.detect import results_markdown
+    from deformconv.demos.figures import write_table
+
+    row = {"variant": "both", "seed": 0, "map50": 0.536549, "train_seconds": 12.5}
+    keys = ["map70", "map", "map_small", "map_medium", "map_large", "val_map50", "val_map70"]
+    row.update(dict.fromkeys(keys, 0.5))
+    markdown = results_markdown([row])
+    assert markdown.splitlines()[2].startswith("| both | 53.7 | 50.0 |")
+    write_table([row], tmp_path, "results", markdown)
+    (written,) = csv.DictReader(open(tmp_path / "results.csv"))
+    assert written["map50"] == "0.5365" and written["seed"] == "0" and written["variant"] == "both"
+    assert (tmp_path / "results.md").read_text() == markdown

@@ -693,9 +693,9 @@ def run_detect(
                     {
                         "variant": variant,
                         "seed": seed,
-                        **{k: round(v, 4) for k, v in test.items()},
-                        "val_map50": round(val["map50"], 4),
-                        "val_map70": round(val["map70"], 4),
+                        **test,
+                        "val_map50": val["map50"],
+                        "val_map70": val["map70"],
                         "train_loss": round(stats["loss"], 4),
                         "train_seconds": round(stats["seconds"], 1),
                     }

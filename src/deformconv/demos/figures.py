@@ -165,13 +165,22 @@ def mean_std_cell(values: list[float], scale: float = 100.0) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], out_dir: Path, stem: str, markdown: str) -> None:
-    """Write ``rows`` as ``<stem>.csv`` and ``markdown`` as ``<stem>.md``."""
+    """Write ``rows`` as ``<stem>.csv`` (floats to 4 places) and ``markdown`` as ``<stem>.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_values(r) for r in rows)
     (out_dir / f"{stem}.md").write_text(markdown)
+
+
+def csv_values(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its floats rounded to 4 places, for a CSV file.
+
+    Only the file is rounded: tables and printed lines format the exact values, so a
+    score never reads 53.6 in the table and 53.7 in the log (0.53652 rounded twice).
+    """
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def dilation_markdown(rows: list[dict[str, Any]]) -> str:

@@ -35,7 +35,7 @@ from deformconv.analysis import (
 )
 from deformconv.demos.digits import load_digits
 from deformconv.demos.fcn import HEAD_LAYERS, VARIANTS, SegmentationFCN, build_segmenter
-from deformconv.demos.figures import mean_std_cell
+from deformconv.demos.figures import csv_values, mean_std_cell
 from deformconv.demos.scenes import NUM_CLASSES, DigitScenes, Scene, collate_scenes
 from deformconv.demos.train import (
     Distributed,
@@ -298,7 +298,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Non
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_values(r) for r in rows)
 
 
 def run_segment(
@@ -385,8 +385,8 @@ def run_segment(
                 {
                     "variant": variant,
                     "seed": seed,
-                    **{k: round(v, 4) for k, v in test.items()},
-                    "val_miou": round(val["miou"], 4),
+                    **test,
+                    "val_miou": val["miou"],
                     "train_seconds": round(seconds, 1),
                 }
             )

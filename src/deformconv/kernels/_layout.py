@@ -11,6 +11,7 @@ more than the copy into it.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -332,6 +333,11 @@ def _aligned(size: int, dtype: np.dtype) -> np.ndarray:
     return raw[skip : skip + size]
 
 
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """A (rows, cols) buffer for this call only, contents undefined; never return it.
 
@@ -339,7 +345,7 @@ def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     :data:`_KEEP_BYTES`; it grows to the largest call. Held as NumPy arrays: a tensor
     made in inference mode could not be written outside it.
     """
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    np_dtype = _numpy_dtype(dtype)
     size = rows * cols
     key = (slot, np_dtype)
     kept = _kept.buffers

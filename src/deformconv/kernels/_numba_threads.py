@@ -167,8 +167,11 @@ def scoped(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with threads():
+        state = _enter()  # not ``with threads()``: a generator context costs microseconds
+        try:
             return fn(*args, **kwargs)
+        finally:
+            _exit(state)
 
     return wrapper
 
@@ -176,16 +179,30 @@ def scoped(fn: Callable[P, R]) -> Callable[P, R]:
 @contextlib.contextmanager
 def threads() -> Iterator[None]:
     """Thread counts for one call of a kernel (see the module docstring); restored on exit."""
-    limit: int = getattr(numba.config, "NUMBA_NUM_THREADS", 1)
-    torch_threads = torch.get_num_threads()
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch_threads, limit)))
-    single = in_forked_child() and torch_threads > 1
-    if single:
-        torch.set_num_threads(1)
+    state = _enter()
     try:
         yield
     finally:
+        _exit(state)
+
+
+def _enter() -> tuple[int, int, int, bool]:
+    """Set the call's thread counts; returns what :func:`_exit` restores."""
+    torch_threads = torch.get_num_threads()
+    limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
+    wanted = max(1, min(torch_threads, limit))
+    previous = numba.get_num_threads()
+    if previous != wanted:
+        numba.set_num_threads(wanted)
+    single = in_forked_child() and torch_threads > 1
+    if single:
+        torch.set_num_threads(1)
+    return previous, wanted, torch_threads, single
+
+
+def _exit(state: tuple[int, int, int, bool]) -> None:
+    previous, wanted, torch_threads, single = state
+    if previous != wanted:
         numba.set_num_threads(previous)
-        if single:
-            torch.set_num_threads(torch_threads)
+    if single:
+        torch.set_num_threads(torch_threads)

@@ -26,6 +26,7 @@ __all__ = [
     "make_figures",
     "pick_examples",
     "visualize",
+    "write_csv",
     "write_table",
 ]
 
@@ -167,20 +168,28 @@ def mean_std_cell(values: list[float], scale: float = 100.0) -> str:
 def write_table(rows: list[dict[str, Any]], out_dir: Path, stem: str, markdown: str) -> None:
     """Write ``rows`` as ``<stem>.csv`` (floats to 4 places) and ``markdown`` as ``<stem>.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(csv_values(r) for r in rows)
+    write_csv(out_dir / f"{stem}.csv", rows, list(rows[0]))
     (out_dir / f"{stem}.md").write_text(markdown)
 
 
-def csv_values(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with its floats rounded to 4 places, for a CSV file.
+def write_csv(
+    path: Path, rows: list[dict[str, Any]], fields: list[str], ignore_other_keys: bool = False
+) -> None:
+    """Write the ``fields`` of ``rows`` as a CSV file, floats rounded to 4 places.
+
+    A row key outside ``fields`` raises ``ValueError`` unless ``ignore_other_keys``.
 
     Only the file is rounded: tables and printed lines format the exact values, so a
     score never reads 53.6 in the table and 53.7 in the log (0.53652 rounded twice).
     """
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    with open(path, "w", newline="") as f:
+        if ignore_other_keys:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        else:
+            writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def dilation_markdown(rows: list[dict[str, Any]]) -> str:

@@ -13,7 +13,6 @@ effective dilation of every deformable layer is measured by the paper's protocol
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from deformconv.analysis import (
 )
 from deformconv.demos.digits import load_digits
 from deformconv.demos.fcn import HEAD_LAYERS, VARIANTS, SegmentationFCN, build_segmenter
-from deformconv.demos.figures import csv_values, mean_std_cell
+from deformconv.demos.figures import mean_std_cell, write_csv
 from deformconv.demos.scenes import NUM_CLASSES, DigitScenes, Scene, collate_scenes
 from deformconv.demos.train import (
     Distributed,
@@ -294,13 +293,6 @@ def dilation_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(csv_values(r) for r in rows)
-
-
 def run_segment(
     args: argparse.Namespace,
     ddp: Distributed,
@@ -420,11 +412,11 @@ def _write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     fields = ["variant", "seed", "miou", "iou_small", "iou_medium", "iou_large"]
     fields += ["pixel_accuracy", "val_miou", "train_seconds"]
-    _write_csv(out / "results.csv", rows, fields)
+    write_csv(out / "results.csv", rows, fields, ignore_other_keys=True)
     results = results_markdown(rows)
     (out / "results.md").write_text(results)
     dil_fields = ["variant", "seed", "layer", "bucket", "mean", "std", "count"]
-    _write_csv(out / "effective_dilation.csv", dil_rows, dil_fields)
+    write_csv(out / "effective_dilation.csv", dil_rows, dil_fields, ignore_other_keys=True)
     dilation = dilation_markdown(dil_rows)
     (out / "effective_dilation.md").write_text(dilation)
     print(f"\ntest scenes: {len(test)}; size buckets by box-area terciles {terciles.tolist()}")

@@ -186,23 +186,26 @@ def threads() -> Iterator[None]:
         _exit(state)
 
 
-def _enter() -> tuple[int, int, int, bool]:
-    """Set the call's thread counts; returns what :func:`_exit` restores."""
+def _enter() -> tuple[int | None, int | None]:
+    """Set the call's thread counts; returns the counts :func:`_exit` restores (None: kept)."""
     torch_threads = torch.get_num_threads()
     limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
     wanted = max(1, min(torch_threads, limit))
     previous = numba.get_num_threads()
+    restore_numba = None
     if previous != wanted:
         numba.set_num_threads(wanted)
-    single = in_forked_child() and torch_threads > 1
-    if single:
+        restore_numba = previous
+    restore_torch = None
+    if in_forked_child() and torch_threads > 1:
         torch.set_num_threads(1)
-    return previous, wanted, torch_threads, single
+        restore_torch = torch_threads
+    return restore_numba, restore_torch
 
 
-def _exit(state: tuple[int, int, int, bool]) -> None:
-    previous, wanted, torch_threads, single = state
-    if previous != wanted:
-        numba.set_num_threads(previous)
-    if single:
-        torch.set_num_threads(torch_threads)
+def _exit(state: tuple[int | None, int | None]) -> None:
+    restore_numba, restore_torch = state
+    if restore_numba is not None:
+        numba.set_num_threads(restore_numba)
+    if restore_torch is not None:
+        torch.set_num_threads(restore_torch)

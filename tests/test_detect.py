@@ -209,6 +209,23 @@ def test_resume_does_not_retrain_and_checks_settings(tiny_run, capsys):
         main([*argv, "--hidden", "32"])
 
 
+def test_run_rounds_scores_only_in_its_tables(tmp_path, monkeypatch, capsys):
+    # 0.536549 is 53.7 % to one place; a row rounded to 4 places before the table
+    # (0.5365 -> "53.6") would make results.md disagree with the printed line.
+    import deformconv.demos.detect as detect
+
+    exact = dict.fromkeys(("map50", "map70", "map", "map_small", "map_medium"), 0.536549)
+    exact.update(map_large=0.25, ar100=0.5)
+    monkeypatch.setattr(detect, "evaluate_detector", lambda *args, **kwargs: dict(exact))
+    assert main(["demo", "--out", str(tmp_path), *TINY, "--variants", "plain"]) == 0
+    assert "test mAP@0.5 53.7, mAP@0.7 53.7 (val 53.7 / 53.7)" in capsys.readouterr().out
+    table = (tmp_path / "results.md").read_text()
+    line = next(x for x in table.splitlines() if x.startswith("| plain |"))
+    assert line.startswith("| plain | 53.7 | 53.7 | 53.7 | 53.7 | 53.7 | 25.0 | 53.7 | 53.7 |")
+    (row,) = csv.DictReader(open(tmp_path / "results.csv"))
+    assert row["map50"] == "0.5365" and row["val_map70"] == "0.5365" and row["ar100"] == "0.5"
+
+
 def test_seeds_write_one_checkpoint_and_row_per_variant_and_seed(tmp_path):
     argv = ["demo", "--out", str(tmp_path), *TINY, "--variants", "plain", "--seeds", "0,1"]
     assert main(argv) == 0

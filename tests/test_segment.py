@@ -172,6 +172,24 @@ def test_scores_by_hand(few_scenes):
     assert result["iou_large"] == pytest.approx(inter / union)  # terciles 0: all large
 
 
+def test_run_rounds_scores_only_in_its_tables(tmp_path, monkeypatch, capsys):
+    # 0.536549 is 53.7 % to one place; a row rounded to 4 places before the table
+    # (0.5365 -> "53.6") would make results.md disagree with the exact score.
+    import deformconv.demos.segment as segment
+
+    exact = {"miou": 0.536549, "pixel_accuracy": 0.9, "iou_small": 0.536549}
+    exact.update(iou_medium=0.25, iou_large=0.75)
+    monkeypatch.setattr(segment, "evaluate_segmentation", lambda *args, **kwargs: dict(exact))
+    assert main(["demo", "--out", str(tmp_path), *TINY, "--variants", "plain"]) == 0
+    assert "test mIoU 0.537 (val 0.537)" in capsys.readouterr().out
+    table = (tmp_path / "results.md").read_text()
+    line = next(x for x in table.splitlines() if x.startswith("| plain |"))
+    assert line == "| plain | 53.7 | 53.7 | 25.0 | 75.0 | 53.7 | 1 |"
+    (row,) = csv.DictReader(open(tmp_path / "results.csv"))
+    assert row["miou"] == "0.5365" and row["val_miou"] == "0.5365"
+    assert row["pixel_accuracy"] == "0.9" and row["seed"] == "0"
+
+
 def test_parse_variants():
     assert parse_variants("all")[0] == "plain" and len(parse_variants("all")) == 7
     assert parse_variants("atrous4, plain,atrous4") == ["atrous4", "plain"]

@@ -182,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --- detect (--task detect); it also reads --variants, --digits-per-scene,
     # --height-range and the shared options above ---
     det = parser.add_argument_group("detect (--task detect)")
-    det.add_argument("--steps", type=int, default=600, help="training steps per variant (600)")
+    det.add_argument("--steps", type=int, default=1200, help="training steps per variant (1200)")
     det.add_argument(
         "--hidden", type=int, default=256, help="width of the box head and the offset head"
     )

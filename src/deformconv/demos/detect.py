@@ -534,6 +534,10 @@ def _draw_roi_bins(
                 )
             centres = (bins[:, :2] + bins[:, 2:]) / 2
             ax.plot(centres[:, 0], centres[:, 1], "r.", ms=2)
+            # Bins may leave the image; keep every panel framed on the scene alone.
+            height, width = scene.image.shape[-2:]
+            ax.set_xlim(-0.5, width - 0.5)
+            ax.set_ylim(height - 0.5, -0.5)
     fig.suptitle("deformable RoI pooling: RoI (yellow), its 7x7 bins after the offsets (red)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

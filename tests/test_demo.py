@@ -193,3 +193,14 @@ def test_tables_round_once(tmp_path):
     (written,) = csv.DictReader(open(tmp_path / "results.csv"))
     assert written["map50"] == "0.5365" and written["seed"] == "0" and written["variant"] == "both"
     assert (tmp_path / "results.md").read_text() == markdown
+
+
+def test_write_csv_rejects_or_drops_keys_outside_its_fields(tmp_path):
+    from deformconv.demos.figures import write_csv
+
+    rows = [{"variant": "plain", "miou": 0.536549, "note": "extra"}]
+    with pytest.raises(ValueError, match="note"):
+        write_csv(tmp_path / "strict.csv", rows, ["variant", "miou"])
+    write_csv(tmp_path / "loose.csv", rows, ["variant", "miou"], ignore_other_keys=True)
+    (row,) = csv.DictReader(open(tmp_path / "loose.csv"))
+    assert row == {"variant": "plain", "miou": "0.5365"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -183,10 +183,8 @@ def write_csv(
     score never reads 53.6 in the table and 53.7 in the log (0.53652 rounded twice).
     """
     with open(path, "w", newline="") as f:
-        if ignore_other_keys:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        else:
-            writer = csv.DictWriter(f, fieldnames=fields)
+        extras: Literal["raise", "ignore"] = "ignore" if ignore_other_keys else "raise"
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction=extras)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import time
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import deformconv
-from deformconv.bench.cpu import settle_allocator
+from deformconv.bench.cpu import machine_description, settle_allocator
 
 SHAPES = [(8, 56, 56, 64, 4), (8, 28, 28, 128, 8), (8, 14, 14, 256, 16)]
 
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settle_allocator()  # as a running model's: no one pays page faults on every call
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"# {machine_description()}, "
         f"{args.threads} threads; torch {torch.__version__}; deformconv {_commit()}; "
         f"backend {args.backend}; median of {args.repeats} (ms)\n"
     )

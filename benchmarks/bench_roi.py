@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import subprocess
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 import deformconv
+from deformconv.bench.cpu import machine_description
 
 
 def _rois(k: int, batch: int, image: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Deformable RoI pooling vs torchvision.ops.roi_align — {args.rois} RoIs on a "
         f"({args.batch}, 256, 50, 68) map, 7x7 bins, sampling_ratio=0, aligned=True",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads; "
+        f"Machine: {machine_description()}; {args.threads} threads; "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}; commit {commit}; "
         f"median of {args.repeats} runs.",
         "",

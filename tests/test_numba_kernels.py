@@ -288,6 +288,32 @@ def test_bench_runs_and_writes_markdown():
     assert set(result["geomean"]) >= {"deformconv/conv2d fwd", "deformconv/conv2d fwd+bwd"}
 
 
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 avx512f avx512bw
+
+processor\t: 1
+cpu family\t: 26
+model\t\t: 2
+model name\t: another CPU
+flags\t\t: fpu avx2
+"""
+
+
+def test_bench_names_the_cpu_generation_from_cpuinfo():
+    from deformconv.bench.cpu import cpu_description
+
+    # The first processor's block only; its family and model tell Zen 4 from Zen 5.
+    assert cpu_description(_CPUINFO) == "AMD EPYC (family 25, model 17, AVX-512)"
+    avx2 = _CPUINFO.replace(" avx512f avx512bw", "")
+    assert cpu_description(avx2) == "AMD EPYC (family 25, model 17, AVX2)"
+    assert cpu_description("model name : Some CPU\n") == "Some CPU"
+    assert cpu_description("Processor : AArch64\nBogoMIPS : 50.00\n") == ""
+
+
 def test_bench_channels_last_gives_every_implementation_channels_last():
     from deformconv.bench import cpu as bench
 
